@@ -144,11 +144,11 @@ def print_recipe_table(storage_root: str) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from bft_assets.export import export_recipe
-    from bft_resources.storage import LocalStorage
+    from bft_resources.storage import storage_for
 
-    written = export_recipe(
-        LocalStorage(root=resolved("BFT_STORAGE")), args.recipe, Path(args.destination)
-    )
+    # Outside a run EnvVars are not resolved: pass values; S3 settings come from boto3's chain.
+    storage = storage_for(resolved("BFT_STORAGE"), resolved("BFT_STORAGE"), None)
+    written = export_recipe(storage, args.recipe, Path(args.destination))
     for what, where in written.items():
         print(f"{what:>9}: {where}")
 

@@ -355,13 +355,8 @@ def eval_scores(
     questions = eval_set.read()
     references = _references(context, config, questions, engine, base_model, storage, sampling)
     rows = _key_frame(questions).drop("reference").join(references, on="row_id")
-    checkpoint = str(storage.checkpoint_dir(FINETUNED_CHECKPOINT, recipe))
-
+    checkpoint = str(storage.fetch_checkpoint(FINETUNED_CHECKPOINT, recipe))
     # Resumed answers must come from this very checkpoint and eval set: both are in the key.
-    if not (Path(checkpoint) / MANIFEST).exists():
-        raise FileNotFoundError(
-            f"{checkpoint} holds no trained model: materialize finetuned_checkpoint[{recipe}] first"
-        )
     manifest = (Path(checkpoint) / MANIFEST).read_bytes()
     instructions = "\x00".join(rows["instruction"].to_list())
     answered = []

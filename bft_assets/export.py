@@ -68,12 +68,8 @@ def export_recipe(storage: Storage, recipe: str, destination: Path) -> dict[str,
         raise FileNotFoundError(
             f"no training set for recipe {recipe!r}: materialize finetuned_checkpoint[{recipe}]"
         )
-    checkpoint = storage.checkpoint_dir(FINETUNED_CHECKPOINT, recipe)
+    checkpoint = storage.fetch_checkpoint(FINETUNED_CHECKPOINT, recipe)
     manifest_path = checkpoint / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(
-            f"{checkpoint} holds no trained model: materialize finetuned_checkpoint[{recipe}]"
-        )
     training_set = storage.read(FINETUNED_CHECKPOINT, recipe, "train")
     manifest = json.loads(manifest_path.read_text())
 

@@ -24,7 +24,7 @@ from bft_assets.tuning import (
 from bft_resources.engine import InferenceEngine
 from bft_resources.models import ModelResource
 from bft_resources.storage import Storage
-from bft_resources.trainer import MANIFEST, Trainer, TrainingExample
+from bft_resources.trainer import Trainer, TrainingExample
 
 SEED_MODEL = "seed_model"
 CHECK_SEED_LOSS = "seed_model_loss_decreased"
@@ -53,13 +53,12 @@ def stage_model(source: str, storage: Storage, direction: str, configured: Model
 
 def seed_model_checkpoint(storage: Storage, direction: str) -> Path:
     """The trained checkpoint of a direction; a clear error when it is not there yet."""
-    folder = storage.checkpoint_dir(SEED_MODEL, direction)
-    if not (folder / MANIFEST).exists():
+    try:
+        return storage.fetch_checkpoint(SEED_MODEL, direction)
+    except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"{folder} holds no trained model: materialize seed_model[{direction}] first, "
-            "or set model_source: configured to use the configured model instead"
-        )
-    return folder
+            f"{exc}; or set model_source: configured to use the configured model instead"
+        ) from exc
 
 
 @dg.asset(
@@ -90,17 +89,18 @@ def seed_model(
     direction = context.partition_key
     seed = storage.read(SEED_EXAMPLES)
     examples = seed_training_examples(seed, direction)
-    checkpoint = str(storage.checkpoint_dir(SEED_MODEL, direction))
     result = trainer.fine_tune(
-        str(base_model.local_path()), examples, checkpoint, trainer.hyperparameters(**config.values()),
+        str(base_model.local_path()), examples, str(storage.checkpoint_dir(SEED_MODEL, direction)), trainer.hyperparameters(**config.values()),
         base_reference=base_model.reference, fallback=llama2_inst, log=context.log.info, context=context,
         extra_manifest={"direction": direction},
     )  # fmt: skip
+    uri = storage.publish_checkpoint(SEED_MODEL, direction)
+    checkpoint = str(storage.fetch_checkpoint(SEED_MODEL, direction))
     return dg.MaterializeResult(
         metadata={
             "direction": direction,
             "rows": len(examples),
-            **training_metadata(result, checkpoint),
+            **training_metadata(result, uri),
             "base_model": base_model.reference,
         },
         check_results=[

@@ -18,9 +18,9 @@ DEFAULT_HOME = Path("~/.bft").expanduser()
 
 # variable -> (default, what it sets)
 SETTINGS: dict[str, tuple[str, str]] = {
-    "BFT_STORAGE": (str(DEFAULT_HOME / "storage"), "Root of all tables and checkpoints (a folder)."),
+    "BFT_STORAGE": (str(DEFAULT_HOME / "storage"), "Root of all tables and checkpoints: a folder or s3://bucket/prefix."),
     "BFT_SEED_URI": (str(demo_seed_path()), "Seed pairs: an oasst *.trees.jsonl, flat JSONL/Parquet, or a folder."),
-    "BFT_CORPUS_URI": (str(DEFAULT_HOME / "demo" / "corpus"), "Folder of Dolma gzip JSONL shards."),
+    "BFT_CORPUS_URI": (str(DEFAULT_HOME / "demo" / "corpus"), "Folder or s3://bucket/prefix of Dolma gzip JSONL shards."),
     "BFT_BASE_MODEL": (SMOLLM2, "Base model: built-in short name, local folder or hub id."),
     "BFT_BACKWARD_MODEL": ("", "Backward model p(x|y) until seed_model trains one (default: BFT_BASE_MODEL)."),
     "BFT_FORWARD_MODEL": ("", "Forward model p(y|x) that scores pairs until seed_model trains one (default: BFT_BASE_MODEL)."),

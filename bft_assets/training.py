@@ -195,16 +195,18 @@ def finetuned_checkpoint(
     jsonl_uri = storage.write_text(
         f"{FINETUNED_CHECKPOINT}/{recipe}.train.jsonl", chat_jsonl(training_set)
     )
-    checkpoint = str(storage.checkpoint_dir(FINETUNED_CHECKPOINT, recipe))
     examples = [
         TrainingExample(p, r, s)
         for p, r, s in training_set.select("prompt", "response", "source").iter_rows()
     ]
     result = trainer.fine_tune(
-        str(base_model.local_path()), examples, checkpoint, trainer.hyperparameters(**config.values()),
+        str(base_model.local_path()), examples, str(storage.checkpoint_dir(FINETUNED_CHECKPOINT, recipe)),
+        trainer.hyperparameters(**config.values()),
         base_reference=base_model.reference, fallback=llama2_inst, log=context.log.info, context=context,
         extra_manifest={"recipe": recipe, "generated_size": config.generated_size, "shards_missing": missing},
     )  # fmt: skip
+    uri = storage.publish_checkpoint(FINETUNED_CHECKPOINT, recipe)
+    checkpoint = str(storage.fetch_checkpoint(FINETUNED_CHECKPOINT, recipe))
     sources = dict(training_set["source"].value_counts().rows())
     generated = sources.get("generated", 0)
     wanted = config.generated_size
@@ -221,7 +223,7 @@ def finetuned_checkpoint(
             "sample": sample_rows(
                 training_set.filter(pl.col("source") == "generated"), ["prompt", "response"]
             ),
-            **training_metadata(result, checkpoint),
+            **training_metadata(result, uri),
             "base_model": base_model.reference,
         },
         check_results=[

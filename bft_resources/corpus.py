@@ -1,16 +1,24 @@
-"""Reading web-corpus shards (Dolma gzip JSONL): discovery, fingerprints and line streams."""
+"""Reading web-corpus shards (Dolma gzip JSONL), on local disk or S3: discovery,
+fingerprints and line streams."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
+
+from bft_resources.s3 import S3Location, is_s3, list_objects
+from bft_resources.s3 import client as s3_client
 
 SHARD_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl")
 _READ_CHUNK = 1 << 20
@@ -23,8 +31,9 @@ class ShardReadError(RuntimeError):
 @dataclass(frozen=True)
 class Shard:
     key: str  # the dynamic partition key
-    uri: str
+    uri: str  # a local path or s3://bucket/key
     size_bytes: int
+    etag: str | None = None  # S3 only
 
 
 def shard_key(relative: str) -> str:
@@ -38,46 +47,66 @@ def shard_key(relative: str) -> str:
 
 
 class CorpusSource(dg.ConfigurableResource):
-    """A folder of Dolma-format shards (``BFT_CORPUS_URI``); one shard, one partition."""
+    """A folder of Dolma-format shards (``BFT_CORPUS_URI``), local or ``s3://bucket/prefix``;
+    one shard, one partition."""
 
     uri: str = Field(
-        description="Folder holding *.jsonl.gz / *.json.gz shards (searched recursively)."
+        description="Folder or s3:// prefix holding *.jsonl.gz / *.json.gz shards (searched recursively)."
     )
+    s3: S3Resource | None = Field(
+        default=None, description="Client settings for an s3:// corpus (default: boto3's chain)."
+    )
+
+    @property
+    def _on_s3(self) -> bool:
+        return is_s3(self.uri)
 
     @property
     def _root(self) -> Path:
         if "://" in self.uri and not self.uri.startswith("file://"):
             raise ValueError(
-                f"BFT_CORPUS_URI={self.uri!r}: only local folders are supported so far"
+                f"BFT_CORPUS_URI={self.uri!r}: use a local folder or s3://bucket/prefix"
             )
         return Path(self.uri.removeprefix("file://")).expanduser().resolve()
 
     def list_shards(self) -> list[Shard]:
+        shards = self._list_s3() if self._on_s3 else self._list_local()
+        keys = [s.key for s in shards]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"two shards in {self.uri} map to the same partition key: {keys}")
+        return shards
+
+    def _list_local(self) -> list[Shard]:
         root = self._root
         if not root.is_dir():
             raise FileNotFoundError(f"corpus folder {root} does not exist (BFT_CORPUS_URI)")
+        return [
+            Shard(shard_key(relative), str(path), path.stat().st_size)
+            for path in sorted(root.rglob("*"))
+            if path.is_file() and _is_shard(relative := path.relative_to(root).as_posix())
+        ]
+
+    def _list_s3(self) -> list[Shard]:
+        folder = S3Location.parse(self.uri)
         shards = []
-        for path in sorted(root.rglob("*")):
-            relative = path.relative_to(root).as_posix()
-            if (
-                path.is_file()
-                and relative.endswith(SHARD_SUFFIXES)
-                and not path.name.startswith(".")
-            ):
-                shards.append(Shard(shard_key(relative), str(path), path.stat().st_size))
-        keys = [s.key for s in shards]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"two shards in {root} map to the same partition key: {keys}")
-        return shards
+        for entry in list_objects(s3_client(self.s3), folder):
+            relative = entry["Key"][len(folder.folder_prefix) :]
+            if _is_shard(relative):
+                uri = S3Location(folder.bucket, entry["Key"]).uri
+                shards.append(Shard(shard_key(relative), uri, entry["Size"], entry["ETag"]))
+        return sorted(shards, key=lambda s: s.key)
 
     def shard(self, key: str) -> Shard:
         for shard in self.list_shards():
             if shard.key == key:
                 return shard
-        raise KeyError(f"no shard with partition key {key!r} under {self._root}")
+        raise KeyError(f"no shard with partition key {key!r} under {self.uri}")
 
     def fingerprint(self, shard: Shard) -> str:
-        """Content hash of the shard file: its data version."""
+        """The shard's data version: a content hash of the local file, or the object's ETag
+        on S3 (which changes whenever its content does, and costs no read)."""
+        if shard.etag is not None:
+            return "etag-" + shard.etag.strip('"')
         digest = hashlib.blake2b(digest_size=16)
         with open(shard.uri, "rb") as handle:
             while chunk := handle.read(_READ_CHUNK):
@@ -87,16 +116,51 @@ class CorpusSource(dg.ConfigurableResource):
     def lines(self, shard: Shard) -> Iterator[bytes]:
         """Raw lines (without the newline), streamed. A broken compressed stream raises
         ShardReadError naming the file, the last whole line and the compressed offset."""
-        path = Path(shard.uri)
-        line_no = 0
-        with open(path, "rb") as raw:
-            handle = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
+        with contextlib.ExitStack() as stack:
+            raw = _CountingReader(stack.enter_context(self._open(shard)))
+            compressed = shard.uri.endswith(".gz")
+            handle = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+            line_no = 0
             try:
                 for line in handle:
                     line_no += 1
                     yield line.rstrip(b"\r\n")
             except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
                 raise ShardReadError(
-                    f"{path}: compressed stream broke after line {line_no} "
-                    f"(at compressed byte {raw.tell()} of {shard.size_bytes}): {exc}"
+                    f"{shard.uri}: compressed stream broke after line {line_no} "
+                    f"(at compressed byte {raw.position} of {shard.size_bytes}): {exc}"
                 ) from exc
+
+    @contextlib.contextmanager
+    def _open(self, shard: Shard) -> Iterator[BinaryIO]:
+        if not is_s3(shard.uri):
+            with open(shard.uri, "rb") as handle:
+                yield handle
+            return
+        location = S3Location.parse(shard.uri)
+        body = s3_client(self.s3).get_object(Bucket=location.bucket, Key=location.key)["Body"]
+        try:
+            yield body
+        finally:
+            body.close()
+
+
+def _is_shard(relative: str) -> bool:
+    return relative.endswith(SHARD_SUFFIXES) and not relative.rsplit("/", 1)[-1].startswith(".")
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts the compressed bytes read, for error messages (an S3 body cannot tell())."""
+
+    def __init__(self, inner: BinaryIO):
+        self._inner = inner
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)

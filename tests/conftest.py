@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -47,6 +51,57 @@ def tiny_tokenizer_model(tmp_path_factory) -> Path:
     from tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """One moto S3 server for the session; each test gets its own bucket."""
+    from servers import moto_s3
+
+    with moto_s3(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch) -> S3Bucket:
+    """A fresh bucket on the moto server, with the standard AWS variables pointing at it (so
+    code that builds its client from boto3's chain reaches the same server)."""
+    from dagster_aws.s3 import S3Resource
+
+    for var, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "bft-test-key",
+        "AWS_SECRET_ACCESS_KEY": "bft-test-secret-never-logged",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    resource = S3Resource(endpoint_url=s3_endpoint, region_name="us-east-1")
+    bucket = f"bft-{uuid.uuid4().hex[:12]}"
+    resource.get_client().create_bucket(Bucket=bucket)
+    return S3Bucket(resource, bucket)
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    resource: Any  # dagster_aws.s3.S3Resource
+    name: str
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.name}/{key}"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.resource.get_client().get_paginator("list_objects_v2")
+        return sorted(
+            entry["Key"]
+            for page in pages.paginate(Bucket=self.name, Prefix=prefix)
+            for entry in page.get("Contents", [])
+        )
+
+    def upload(self, path: Path, key: str) -> str:
+        self.resource.get_client().upload_file(str(path), self.name, key)
+        return self.uri(key)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -116,3 +116,20 @@ class FaultInjectingProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def moto_s3(log: Path) -> Iterator[str]:
+    """moto's server mode: a real S3-compatible HTTP server on 127.0.0.1 (in memory)."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("moto_server")
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(cli), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for(f"http://127.0.0.1:{port}/moto-api/", 60, process)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)

@@ -43,3 +43,34 @@ def test_a_truncated_gzip_names_the_file_and_where_it_broke(tmp_path, shared_dat
 def test_a_missing_corpus_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="BFT_CORPUS_URI"):
         CorpusSource(uri=str(tmp_path / "nope")).list_shards()
+
+
+def test_an_s3_corpus_lists_and_streams_like_a_local_one(tmp_path, shared_data, s3):
+    local = tmp_path / "local"
+    (local / "cc_en_head").mkdir(parents=True)
+    shutil.copy(DOLMA / "cc_en_head-0091.jsonl.gz", local / "cc_en_head" / "0091.jsonl.gz")
+    shutil.copy(DOLMA / "provided_documents_000.json.gz", local)
+    for path in local.rglob("*.gz"):
+        s3.upload(path, f"dolma/{path.relative_to(local).as_posix()}")
+    s3.upload(DOLMA / "PROVENANCE.md", "dolma/PROVENANCE.md")  # not a shard
+
+    remote = CorpusSource(uri=s3.uri("dolma"), s3=s3.resource)
+    on_disk = CorpusSource(uri=str(local))
+    assert [s.key for s in remote.list_shards()] == [s.key for s in on_disk.list_shards()]
+    for shard in remote.list_shards():
+        assert shard.uri.startswith(f"s3://{s3.name}/dolma/")
+        assert list(remote.lines(shard)) == list(on_disk.lines(on_disk.shard(shard.key)))
+
+    shard = remote.shard("provided_documents_000")
+    before = remote.fingerprint(shard)
+    s3.upload(DOLMA / "cc_en_head-0174.jsonl.gz", "dolma/provided_documents_000.json.gz")
+    assert remote.fingerprint(remote.shard("provided_documents_000")) != before
+
+
+def test_a_truncated_s3_shard_names_the_object(tmp_path, shared_data, s3):
+    data = (DOLMA / "provided_documents_000.json.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    s3.upload(tmp_path / "cut.jsonl.gz", "web/cut.jsonl.gz")
+    corpus = CorpusSource(uri=s3.uri("web"), s3=s3.resource)
+    with pytest.raises(ShardReadError, match=rf"s3://{s3.name}/web/cut\.jsonl\.gz: compressed"):
+        list(corpus.lines(corpus.shard("cut")))

@@ -192,15 +192,15 @@ def test_the_sensor_adds_new_shards_and_observation_versions_them(tmp_path, shar
     shutil.copy(DOLMA / "cc_en_head-0091.jsonl.gz", corpus)
     resource = CorpusSource(uri=str(corpus))
     with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, resources={"corpus": resource})
-        first = corpus_shard_sensor(context)
-        assert first.dynamic_partitions_requests[0].partition_keys == ["cc_en_head-0091"]
-        instance.add_dynamic_partitions(CORPUS_SHARDS, ["cc_en_head-0091"])
-        assert corpus_shard_sensor(context).skip_reason
-        shutil.copy(DOLMA / "cc_en_head-0174.jsonl.gz", corpus)
-        assert corpus_shard_sensor(context).dynamic_partitions_requests[0].partition_keys == [
-            "cc_en_head-0174"
-        ]
+        with dg.build_sensor_context(instance=instance, resources={"corpus": resource}) as context:
+            first = corpus_shard_sensor(context)
+            assert first.dynamic_partitions_requests[0].partition_keys == ["cc_en_head-0091"]
+            instance.add_dynamic_partitions(CORPUS_SHARDS, ["cc_en_head-0091"])
+            assert corpus_shard_sensor(context).skip_reason
+            shutil.copy(DOLMA / "cc_en_head-0174.jsonl.gz", corpus)
+            assert corpus_shard_sensor(context).dynamic_partitions_requests[0].partition_keys == [
+                "cc_en_head-0174"
+            ]
 
         discover_shards(resource, instance)
         observe = defs.resolve_job_def(OBSERVE_CORPUS_JOB)
