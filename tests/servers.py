@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -133,3 +136,54 @@ def moto_s3(log: Path) -> Iterator[str]:
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+PG_BIN = Path(os.environ.get("BFT_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+@contextlib.contextmanager
+def private_postgres(password: str) -> Iterator[dict[str, str]]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (initdb + pg_ctl), with a password-
+    protected superuser `bft` and a database `dagster`. As root it runs as the `postgres`
+    system user: PostgreSQL refuses to run as root."""
+    port = str(free_port())
+    folder = Path(tempfile.mkdtemp(prefix="bft-pg-", dir="/tmp"))
+    data, pwfile = folder / "data", folder / "pw"
+    pwfile.write_text(password + "\n")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        shutil.chown(pwfile, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, text=True)
+
+    pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "bft", "--auth=scram-sha-256",
+       f"--pwfile={pwfile}", "--encoding=UTF8")  # fmt: skip
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder}"
+    pg(
+        str(PG_BIN / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        options,
+        "-l",
+        str(folder / "log"),
+        "-w",
+        "start",
+    )
+    try:
+        env = {**os.environ, "PGPASSWORD": password}
+        subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", "bft", "dagster"],
+                       check=True, env=env, capture_output=True)  # fmt: skip
+        yield {
+            "host": "127.0.0.1",
+            "port": port,
+            "user": "bft",
+            "db": "dagster",
+            "log": str(folder / "log"),
+        }
+    finally:
+        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
