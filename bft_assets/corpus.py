@@ -12,6 +12,7 @@ from pydantic import Field
 from bft_assets.candidates import DROP_REASONS, CandidateFilter, Document, Drop, FilterSettings
 from bft_assets.checks import accounting_check, rate_floor_check
 from bft_assets.partitions import CORPUS_SHARDS, corpus_shards
+from bft_assets.policies import ONE_PARTITION_PER_RUN, REBUILD_STALE
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
 from bft_assets.reporting import counts_table, percentile_metadata, sample_rows, table_metadata
 from bft_resources.corpus import CorpusSource
@@ -213,6 +214,8 @@ CANDIDATE_COLUMNS = {
     group_name="generation",
     kinds={"polars", "transformers"},
     code_version=f"{FILTER_VERSION};prompt={BACKTRANSLATE.version}",
+    backfill_policy=ONE_PARTITION_PER_RUN,
+    automation_condition=REBUILD_STALE,
     check_specs=[rule.spec(CANDIDATE_RESPONSES) for rule in CANDIDATE_RULES]
     + [
         dg.AssetCheckSpec(

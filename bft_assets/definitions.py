@@ -9,6 +9,7 @@ from bft_assets.backtranslation import backtranslated_pool
 from bft_assets.corpus import candidate_responses, corpus_documents, corpus_shard_sensor
 from bft_assets.evaluation import eval_scores
 from bft_assets.partitions import corpus_shards, directions, recipes
+from bft_assets.policies import rebuild_stale_sensor
 from bft_assets.rewriting import rewritten_dataset
 from bft_assets.scoring import scored_pool
 from bft_assets.seed import seed_examples
@@ -120,7 +121,7 @@ defs = dg.Definitions(
         finetuned_checkpoint,
         eval_scores,
     ],
-    sensors=[corpus_shard_sensor],
+    sensors=[corpus_shard_sensor, rebuild_stale_sensor],
     jobs=[seed_job, seed_model_job, shard_job, recipe_job, observe_corpus_job],
     resources=build_resources(),
 )

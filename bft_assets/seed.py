@@ -15,6 +15,7 @@ import polars as pl
 from pydantic import Field
 
 from bft_assets.checks import accounting_check
+from bft_assets.policies import REBUILD_STALE
 from bft_assets.reporting import counts_table, percentile_metadata, sample_rows, table_metadata
 from bft_resources.quality import Rule, run_rules
 from bft_resources.seed_source import SeedSource
@@ -172,6 +173,7 @@ SEED_COLUMNS = {
     group_name="seed",
     kinds={"polars"},
     code_version="seed-v1",
+    automation_condition=REBUILD_STALE,
     check_specs=[rule.spec(SEED_EXAMPLES) for rule in SEED_RULES]
     + [
         dg.AssetCheckSpec(

@@ -11,6 +11,7 @@ import dagster as dg
 import polars as pl
 
 from bft_assets.partitions import directions
+from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN, REBUILD_STALE
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
 from bft_assets.seed import SEED_EXAMPLES, seed_examples
 from bft_assets.settings import resolved
@@ -66,7 +67,9 @@ def seed_model_checkpoint(storage: Storage, direction: str) -> Path:
     deps=[seed_examples],
     group_name="training",
     kinds={"transformers"},
-    pool="gpu",
+    pool=GPU_POOL,
+    backfill_policy=ONE_PARTITION_PER_RUN,
+    automation_condition=REBUILD_STALE,
     code_version=f"{TRAINING_VERSION};prompt={BACKTRANSLATE.version};base={resolved('BFT_BASE_MODEL')}",
     check_specs=[
         dg.AssetCheckSpec(CHECK_SEED_LOSS, asset=SEED_MODEL, blocking=True,

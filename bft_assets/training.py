@@ -10,6 +10,7 @@ import polars as pl
 from pydantic import Field
 
 from bft_assets.partitions import CORPUS_SHARDS, RECIPES, recipes
+from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN, REBUILD_STALE
 from bft_assets.prompts import SEED_TAG, WEB_TAG, llama2_inst
 from bft_assets.reporting import sample_rows, table_metadata
 from bft_assets.rewriting import OK, REWRITTEN_DATASET, rewritten_dataset
@@ -161,7 +162,9 @@ TRAINING_SET_COLUMNS = {
     deps=[seed_examples, dg.AssetDep(rewritten_dataset, partition_mapping=dg.AllPartitionMapping())],
     group_name="training",
     kinds={"transformers", "polars"},
-    pool="gpu",
+    pool=GPU_POOL,
+    backfill_policy=ONE_PARTITION_PER_RUN,
+    automation_condition=REBUILD_STALE,
     code_version=f"{TRAINING_VERSION};tags={SEED_TAG}|{WEB_TAG};base={resolved('BFT_BASE_MODEL')}",
     check_specs=[rule.spec(FINETUNED_CHECKPOINT) for rule in TRAINING_SET_RULES]
     + [

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -187,3 +189,35 @@ def private_postgres(password: str) -> Iterator[dict[str, str]]:
     finally:
         pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dagster_dev(workspace: Path, env: dict[str, str], log: Path) -> Iterator[str]:
+    """`dagster dev` (webserver and daemon) on 127.0.0.1 for the instance in env's
+    DAGSTER_HOME; yields the webserver's URL. The whole process group is stopped after."""
+    port = free_port()
+    dagster = Path(sys.executable).with_name("dagster")
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(dagster), "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
+            cwd=workspace.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_for(f"http://127.0.0.1:{port}/server_info", 180, process)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    """One request to the webserver's GraphQL endpoint (what the UI sends)."""
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(
+        f"{url}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    if answer.get("errors"):
+        raise RuntimeError(f"GraphQL errors: {answer['errors']}")
+    return answer["data"]

@@ -4,7 +4,6 @@ injected by a proxy in front of it."""
 import dagster as dg
 import polars as pl
 import pytest
-from servers import FaultInjectingProxy, transformers_serve
 
 from bft_assets.backtranslation import BACKTRANSLATED_POOL, backtranslated_pool
 from bft_assets.corpus import candidate_responses, corpus_documents, discover_shards
@@ -13,6 +12,8 @@ from bft_resources.corpus import CorpusSource
 from bft_resources.engine import Chat, InferenceEngine, LogprobsUnavailable, Sampling
 from bft_resources.engine.endpoint import EndpointError
 from bft_resources.storage import LocalStorage
+
+from servers import FaultInjectingProxy, transformers_serve
 
 pytestmark = pytest.mark.slow
 SHORT = Sampling(temperature=0.7, top_p=0.9, max_tokens=8, seed=1)

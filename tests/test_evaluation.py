@@ -7,7 +7,6 @@ import shutil
 import dagster as dg
 import polars as pl
 import pytest
-from servers import FaultInjectingProxy, transformers_serve
 
 from bft_assets.evaluation import (
     EVAL_SCORES,
@@ -31,6 +30,8 @@ from bft_resources.engine.endpoint import EndpointError
 from bft_resources.eval_source import EvalSetSource
 from bft_resources.judge import Judge
 from bft_resources.storage import LocalStorage
+
+from servers import FaultInjectingProxy, transformers_serve
 
 
 def test_verdicts_from_text_and_both_orders():

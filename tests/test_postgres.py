@@ -4,7 +4,6 @@ import shutil
 
 import dagster as dg
 import pytest
-from servers import PG_BIN, private_postgres
 
 from bft_assets.demo import demo_seed_path
 from bft_assets.seed import SEED_EXAMPLES, seed_examples
@@ -12,6 +11,7 @@ from bft_resources.seed_source import SeedSource
 from bft_resources.storage import LocalStorage
 
 from conftest import REPO
+from servers import PG_BIN, private_postgres
 
 PASSWORD = "bft-pg-secret-never-logged"
 

@@ -4,19 +4,16 @@ temporary folder)."""
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from servers import free_port, wait_for
 
 from bft_assets.definitions import defs
 from bft_assets.demo import write_demo_corpus
 
 from conftest import REPO
+from servers import dagster_dev
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Debian's Chromium as root, offline: no sandbox, no GPU, none of its background traffic.
@@ -44,19 +41,8 @@ def dagster_ui(tmp_path_factory):
     env = {**os.environ, "DAGSTER_HOME": str(home / "dagster_home"), "BFT_STORAGE": str(home / "storage"),
            "BFT_CORPUS_URI": str(home / "corpus")}  # fmt: skip
     env.pop("BFT_SEED_URI", None)
-    port = free_port()
-    dagster = Path(sys.executable).with_name("dagster")
-    with open(home / "dagster-dev.log", "w") as log:
-        process = subprocess.Popen(
-            [str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            wait_for(f"http://127.0.0.1:{port}/server_info", 180, process)
-            yield f"http://127.0.0.1:{port}", home
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
+    with dagster_dev(REPO / "workspace.yaml", env, home / "dagster-dev.log") as url:
+        yield url, home
 
 
 @pytest.fixture(scope="module")

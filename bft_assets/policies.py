@@ -1,0 +1,41 @@
+"""How partitions run and are rebuilt: the GPU pool, the backfill policy, and the
+declarative automation that rebuilds stale partitions (off until a user turns it on)."""
+
+import dagster as dg
+
+# Every step that loads a model takes a slot of this pool; its limit is the number of GPUs
+# (or of model replicas) the deployment has: `dagster instance concurrency set gpu N`.
+GPU_POOL = "gpu"
+
+# The assets read one partition key per run (a shard, a recipe, a direction): a backfill of
+# N partitions is N runs, so a failure (an OOM, a preempted node) costs one partition, and
+# the run queue and the gpu pool spread the runs over the machines there are.
+ONE_PARTITION_PER_RUN = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+
+AUTOMATION_SENSOR = "bft_rebuild_stale"
+
+_AC = dg.AutomationCondition
+
+# A partition is rebuilt when it becomes missing (a new shard), when its code version
+# changes (prompt, sampling, model reference, filter rules), or when a partition it reads
+# was rebuilt; never while it or an upstream partition is in progress or missing, and only
+# once the upstream blocking checks passed. `newly_missing` rather than `missing`: a
+# partition whose run failed is not retried on every tick.
+REBUILD_STALE = (
+    (_AC.newly_missing() | _AC.code_version_changed() | _AC.any_deps_updated()).since_last_handled()
+    & ~_AC.any_deps_missing()
+    & ~_AC.any_deps_in_progress()
+    & ~_AC.in_progress()
+    & _AC.all_deps_blocking_checks_passed()
+).with_label("rebuild_stale")
+
+# GPU time is money: the sensor ships stopped. Start it in the UI (Automation tab) or with
+# `dagster sensor start bft_rebuild_stale`.
+rebuild_stale_sensor = dg.AutomationConditionSensorDefinition(
+    AUTOMATION_SENSOR,
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds=60,
+    description="Rebuilds missing and stale partitions (prompt, sampling or model changed, "
+    "upstream rebuilt) once upstream checks pass. Stopped by default: it spends GPU time.",
+)

@@ -1,0 +1,150 @@
+"""A backfill of several shards as the UI launches one: `dagster dev` (webserver and daemon)
+on the demo's dagster.yaml (queued runs, at most 2 at once, gpu pool limit 1), the
+backfill sent over GraphQL, the runs launched by the daemon as separate processes."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from bft_assets.demo import write_demo_corpus
+from bft_assets.seed import seed_examples
+from bft_assets.seed_model import SEED_MODEL, seed_model
+from bft_resources.engine import InferenceEngine
+from bft_resources.models import ModelResource
+from bft_resources.seed_source import SeedSource
+from bft_resources.storage import LocalStorage
+from bft_resources.trainer import Trainer
+
+from conftest import REPO
+from servers import dagster_dev, graphql
+
+pytestmark = pytest.mark.slow
+
+SHARDS = ["stdlib-docs-0000", "stdlib-docs-0001", "stdlib-docs-0002"]
+GPU_STEP = "backtranslated_pool"
+RANGE = "dagster/asset_partition_range"
+LAUNCH = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+STATUS = """
+query Status($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    ... on PartitionBackfill { status }
+  }
+}"""
+
+
+def _train_backward_model(home: Path, model: Path) -> None:
+    """backtranslated_pool reads seed_model[backward]: train it first (a few steps)."""
+    resources = {"storage": LocalStorage(root=str(home / "storage")), "base_model": ModelResource(model=str(model)),
+                 "seed_source": SeedSource(uri=str(REPO / "bft_assets" / "demo" / "seed_pairs.jsonl")),
+                 "trainer": Trainer(), "engine": InferenceEngine(dtype="float32")}  # fmt: skip
+    config = {"ops": {SEED_MODEL: {"config": {"max_steps": 2, "batch_size": 4}}}}
+    with dg.instance_for_test() as instance:
+        assert dg.materialize([seed_examples], instance=instance, resources=resources).success
+        assert dg.materialize([seed_model], instance=instance, resources=resources,
+                              partition_key="backward", run_config=config).success  # fmt: skip
+
+
+def _run_spans(instance, run_ids) -> list[tuple[float, float]]:
+    records = [instance.get_run_record_by_id(run_id) for run_id in run_ids]
+    return [(r.start_time, r.end_time) for r in records]
+
+
+def _step_spans(instance, run_ids, step: str) -> list[tuple[float, float]]:
+    """(start, end) of one step in each run, from the event log."""
+    spans = []
+    for run_id in run_ids:
+        times = {}
+        for entry in instance.all_logs(run_id):
+            event = entry.dagster_event
+            if event is None or event.step_key != step:
+                continue
+            if event.event_type == dg.DagsterEventType.STEP_START:
+                times["start"] = entry.timestamp
+            if event.event_type in (
+                dg.DagsterEventType.STEP_SUCCESS,
+                dg.DagsterEventType.STEP_FAILURE,
+            ):
+                times["end"] = entry.timestamp
+        spans.append((times["start"], times["end"]))
+    return spans
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    most = now = 0
+    for _, delta in edges:
+        now += delta
+        most = max(most, now)
+    return most
+
+
+def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tokenizer_model):
+    home = tmp_path
+    (home / "dagster_home").mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster_home" / "dagster.yaml")
+    write_demo_corpus(home / "corpus", shards=len(SHARDS), docs_per_shard=4)
+    _train_backward_model(home, tiny_tokenizer_model)
+    env = {**os.environ, "DAGSTER_HOME": str(home / "dagster_home"), "BFT_STORAGE": str(home / "storage"),
+           "BFT_CORPUS_URI": str(home / "corpus"), "BFT_BASE_MODEL": str(tiny_tokenizer_model)}  # fmt: skip
+    bft = Path(sys.executable).with_name("bft")
+    added = subprocess.run(
+        [str(bft), "discover-shards"], env=env, check=True, capture_output=True, text=True
+    )
+    assert "added 3 shard partitions" in added.stdout
+
+    with dagster_dev(REPO / "workspace.yaml", env, home / "dagster-dev.log") as url:
+        launched = graphql(url, LAUNCH, {"params": {
+            "partitionNames": SHARDS,
+            "assetSelection": [{"path": ["candidate_responses"]}, {"path": [GPU_STEP]}],
+            "runConfigData": {"ops": {GPU_STEP: {"config": {"max_new_tokens": 16}}}},
+        }})["launchPartitionBackfill"]  # fmt: skip
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfill = launched["backfillId"]
+        deadline, status = time.monotonic() + 420, None
+        while time.monotonic() < deadline:
+            status = graphql(url, STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
+            if status not in ("REQUESTED", "CANCELING", "FAILING"):
+                break
+            time.sleep(2)
+        assert status == "COMPLETED_SUCCESS", (
+            status,
+            (home / "dagster-dev.log").read_text()[-3000:],
+        )
+
+    with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
+        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill}))
+        # The backfill policy: one run per shard, so a failure costs one shard.
+        ranges = [(r.tags[f"{RANGE}_start"], r.tags[f"{RANGE}_end"]) for r in runs]
+        assert sorted(ranges) == [(shard, shard) for shard in SHARDS]
+        run_ids = [r.run_id for r in runs]
+        waited = [
+            e.message
+            for i in run_ids
+            for e in instance.all_logs(i)
+            if e.message and "blocked by limit for pool gpu" in e.message
+        ]
+        at_once = _most_at_once(_run_spans(instance, run_ids))
+        gpu_at_once = _most_at_once(_step_spans(instance, run_ids, GPU_STEP))
+    assert at_once == 2, at_once  # in parallel, up to max_concurrent_runs and no further
+    assert gpu_at_once == 1, gpu_at_once  # never two steps of the gpu pool at once
+    assert waited  # and a step did have to wait for the pool
+
+    for shard in SHARDS:  # each shard's output is its own, whole
+        candidates = pl.read_parquet(home / "storage" / "candidate_responses" / f"{shard}.parquet")
+        pool = pl.read_parquet(home / "storage" / GPU_STEP / f"{shard}.parquet")
+        assert candidates.height > 0 and pool["doc_id"].to_list() == candidates["id"].to_list()
+        assert (candidates["shard"] == shard).all()
