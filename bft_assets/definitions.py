@@ -9,7 +9,7 @@ from bft_assets.backtranslation import backtranslated_pool
 from bft_assets.corpus import candidate_responses, corpus_documents, corpus_shard_sensor
 from bft_assets.evaluation import eval_scores
 from bft_assets.partitions import corpus_shards, directions, recipes
-from bft_assets.policies import rebuild_stale_sensor
+from bft_assets.policies import inference_gpus, rebuild_stale_sensor, training_gpus
 from bft_assets.rewriting import rewritten_dataset
 from bft_assets.scoring import scored_pool
 from bft_assets.seed import seed_examples
@@ -83,6 +83,23 @@ def _s3() -> S3Resource:
     )
 
 
+def step_executor() -> dg.ExecutorDefinition | None:
+    """Where a run's steps execute (BFT_EXECUTOR). k8s and ecs give every step its own pod or
+    task, so that each asks for the GPUs its op tags name and CPU steps ask for none."""
+    kind = resolved("BFT_EXECUTOR")
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    if kind == "ecs":
+        from dagster_aws.ecs import ecs_executor
+
+        return ecs_executor
+    if kind != "multiprocess":
+        raise ValueError(f"BFT_EXECUTOR={kind!r}: use multiprocess, k8s or ecs")
+    return None
+
+
 def _judge() -> Judge:
     if resolved("BFT_JUDGE_URL"):
         api_key = dg.EnvVar("BFT_JUDGE_API_KEY") if os.environ.get("BFT_JUDGE_API_KEY") else None
@@ -101,8 +118,10 @@ def build_resources() -> dict[str, object]:
         "backward_model": ModelResource(model=setting("BFT_BACKWARD_MODEL"), s3=s3),
         "forward_model": ModelResource(model=setting("BFT_FORWARD_MODEL"), s3=s3),
         "rewriter_model": ModelResource(model=setting("BFT_REWRITER_MODEL"), s3=s3),
-        "engine": InferenceEngine(backend=resolved("BFT_ENGINE")),
-        "trainer": Trainer(),
+        "engine": InferenceEngine(
+            backend=resolved("BFT_ENGINE"), tensor_parallel_size=inference_gpus()
+        ),
+        "trainer": Trainer(num_gpus=training_gpus()),
         "judge": _judge(),
         "eval_set": EvalSetSource(uri=setting("BFT_EVAL_URI")),
         "embedder": Embedder(),
@@ -124,4 +143,5 @@ defs = dg.Definitions(
     sensors=[corpus_shard_sensor, rebuild_stale_sensor],
     jobs=[seed_job, seed_model_job, shard_job, recipe_job, observe_corpus_job],
     resources=build_resources(),
+    executor=step_executor(),
 )

@@ -11,7 +11,13 @@ import polars as pl
 from pydantic import Field
 
 from bft_assets.partitions import corpus_shards
-from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN, REBUILD_STALE
+from bft_assets.policies import (
+    GPU_POOL,
+    ONE_PARTITION_PER_RUN,
+    REBUILD_STALE,
+    gpu_op_tags,
+    inference_gpus,
+)
 from bft_assets.prompts import neutralize
 from bft_assets.reporting import percentile_metadata
 from bft_assets.settings import resolved
@@ -61,6 +67,7 @@ def generation_stage(prompt_versions: str, sampling: Sampling, model_setting: st
         "pool": GPU_POOL,
         "backfill_policy": ONE_PARTITION_PER_RUN,
         "automation_condition": REBUILD_STALE,
+        "op_tags": gpu_op_tags(inference_gpus()),
         "code_version": f"prompt={prompt_versions};sampling={sampling.describe()};model={resolved(model_setting)}",
     }
 

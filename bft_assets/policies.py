@@ -1,7 +1,11 @@
 """How partitions run and are rebuilt: the GPU pool, the backfill policy, and the
 declarative automation that rebuilds stale partitions (off until a user turns it on)."""
 
+import json
+
 import dagster as dg
+
+from bft_assets.settings import resolved
 
 # Every step that loads a model takes a slot of this pool; its limit is the number of GPUs
 # (or of model replicas) the deployment has: `dagster instance concurrency set gpu N`.
@@ -13,6 +17,44 @@ GPU_POOL = "gpu"
 ONE_PARTITION_PER_RUN = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
 
 AUTOMATION_SENSOR = "bft_rebuild_stale"
+
+# Per-step GPU requests, read where a step runs in its own pod (dagster-k8s's
+# k8s_job_executor) or its own task (dagster-aws's ecs_executor). CPU steps ask for none.
+K8S_CONFIG_TAG = "dagster-k8s/config"
+ECS_CONTAINER_TAG = "ecs/container_overrides"
+GPUS_TAG = "bft/gpus"
+
+
+def gpu_op_tags(gpus: int) -> dict[str, str]:
+    """Op tags that make a step's pod or task request ``gpus`` GPUs (and tolerate the taint
+    GPU nodes usually carry)."""
+    if gpus < 1:
+        return {}
+    count = str(gpus)
+    k8s = {
+        "container_config": {
+            "resources": {
+                "requests": {"nvidia.com/gpu": count},
+                "limits": {"nvidia.com/gpu": count},
+            }
+        },
+        "pod_spec_config": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        },
+    }
+    ecs = {"resourceRequirements": [{"type": "GPU", "value": count}]}
+    return {K8S_CONFIG_TAG: json.dumps(k8s), ECS_CONTAINER_TAG: json.dumps(ecs), GPUS_TAG: count}
+
+
+def inference_gpus() -> int:
+    """GPUs one generation or evaluation step uses: vLLM's tensor_parallel_size."""
+    return int(resolved("BFT_INFERENCE_GPUS"))
+
+
+def training_gpus() -> int:
+    """GPUs one training step spreads over (``accelerate launch`` when more than one)."""
+    return int(resolved("BFT_TRAINING_GPUS"))
+
 
 _AC = dg.AutomationCondition
 

@@ -29,6 +29,9 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BFT_JUDGE_MODEL": (SMOLLM2, "Judge model for pairwise evaluation (a model reference, or the served name)."),
     "BFT_JUDGE_URL": ("", "OpenAI-compatible base URL of the judge; unset: the judge runs locally."),
     "BFT_EVAL_URI": (str(demo_eval_path()), "Evaluation set: AlpacaEval JSON list or JSONL."),
+    "BFT_INFERENCE_GPUS": ("1", "GPUs per generation/evaluation step: vLLM tensor parallelism and the step's GPU request."),
+    "BFT_TRAINING_GPUS": ("1", "GPUs per training step: accelerate processes and the step's GPU request."),
+    "BFT_EXECUTOR": ("multiprocess", "Where steps run: multiprocess (in the run's process tree), k8s (a pod per step) or ecs (a task per step)."),
 }  # fmt: skip
 
 
