@@ -1,5 +1,7 @@
 """The web corpus: corpus_documents (shards, observed), shard discovery, candidate_responses."""
 
+import contextlib
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -148,12 +150,32 @@ def token_counter(model: ModelResource) -> Callable[[list[str]], list[int]]:
     tokenizer = model.tokenizer()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return lambda texts: [
-            len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)
-        ]
+
+        def count(texts: list[str]) -> list[int]:
+            with _tokenizer_threads():
+                encoded = backend.encode_batch_fast(texts, add_special_tokens=False)
+            return [len(e.ids) for e in encoded]
+
+        return count
     return lambda texts: [
         len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
     ]
+
+
+@contextlib.contextmanager
+def _tokenizer_threads() -> Iterator[None]:
+    """Let the Rust tokenizer spread a batch over every core. TOKENIZERS_PARALLELISM is off
+    elsewhere (Makefile, tests) to keep forked workers quiet; the library reads it on each
+    call, and nothing forks inside this block."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def _batches(lines: Iterable[bytes], size: int) -> Iterator[list[tuple[int, bytes]]]:

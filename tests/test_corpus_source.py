@@ -74,3 +74,23 @@ def test_a_truncated_s3_shard_names_the_object(tmp_path, shared_data, s3):
     corpus = CorpusSource(uri=s3.uri("web"), s3=s3.resource)
     with pytest.raises(ShardReadError, match=rf"s3://{s3.name}/web/cut\.jsonl\.gz: compressed"):
         list(corpus.lines(corpus.shard("cut")))
+
+
+def test_the_shard_sensor_adds_a_partition_when_a_file_lands_on_s3(tmp_path, shared_data, s3):
+    import dagster as dg
+
+    from bft_assets.corpus import corpus_shard_sensor
+
+    corpus = CorpusSource(uri=s3.uri("dolma"), s3=s3.resource)
+    s3.upload(DOLMA / "cc_en_head-0091.jsonl.gz", "dolma/cc_en_head-0091.jsonl.gz")
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_sensor_context(instance=instance, resources={"corpus": corpus}) as context,
+    ):
+        (request,) = corpus_shard_sensor(context).dynamic_partitions_requests
+        assert request.partition_keys == ["cc_en_head-0091"]
+        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+        assert corpus_shard_sensor(context).skip_reason
+        s3.upload(DOLMA / "cc_en_head-0174.jsonl.gz", "dolma/cc_en_head-0174.jsonl.gz")
+        (request,) = corpus_shard_sensor(context).dynamic_partitions_requests
+        assert request.partition_keys == ["cc_en_head-0174"]
