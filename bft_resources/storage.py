@@ -40,6 +40,11 @@ from bft_resources.s3 import client as s3_client
 CHECKPOINT_MANIFEST = "manifest.json"  # a checkpoint is whole once its manifest exists
 
 
+def _no_table(where: str, asset: str, partition: str | None) -> str:
+    of = f" for partition {partition!r}" if partition else ""
+    return f"{where} does not exist: materialize {asset}{of} first"
+
+
 def _no_checkpoint(where: str, asset: str, partition: str) -> str:
     return f"{where} holds no trained model: materialize {asset}[{partition}] first"
 
@@ -99,16 +104,21 @@ class Storage(dg.ConfigurableResource, ABC):
         """Stream batches into a table; it becomes visible, whole, when the block exits."""
 
     @abstractmethod
+    def local_table(self, asset: str, partition: str | None, suffix: str | None) -> Path:
+        """A local file holding the table (S3: downloaded once per version);
+        FileNotFoundError, saying what to materialize, when there is none."""
+
     def read(
         self, asset: str, partition: str | None = None, suffix: str | None = None
     ) -> pl.DataFrame:
         """Read a whole table."""
+        return pl.read_parquet(self.local_table(asset, partition, suffix))
 
-    @abstractmethod
     def scan(
         self, asset: str, partition: str | None = None, suffix: str | None = None
     ) -> pl.LazyFrame:
         """A table, lazily: read only the columns and rows a query needs."""
+        return pl.scan_parquet(self.local_table(asset, partition, suffix))
 
     @abstractmethod
     def exists(self, asset: str, partition: str | None = None, suffix: str | None = None) -> bool:
@@ -181,25 +191,11 @@ class LocalStorage(Storage):
             finally:
                 writer.close()
 
-    def _existing(self, asset: str, partition: str | None, suffix: str | None) -> Path:
+    def local_table(self, asset: str, partition: str | None, suffix: str | None) -> Path:
         path = self.path(table_name(asset, partition, suffix))
         if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: materialize {asset}"
-                + (f" for partition {partition!r}" if partition else "")
-                + " first"
-            )
+            raise FileNotFoundError(_no_table(str(path), asset, partition))
         return path
-
-    def read(
-        self, asset: str, partition: str | None = None, suffix: str | None = None
-    ) -> pl.DataFrame:
-        return pl.read_parquet(self._existing(asset, partition, suffix))
-
-    def scan(
-        self, asset: str, partition: str | None = None, suffix: str | None = None
-    ) -> pl.LazyFrame:
-        return pl.scan_parquet(self._existing(asset, partition, suffix))
 
     def exists(self, asset: str, partition: str | None = None, suffix: str | None = None) -> bool:
         return self.path(table_name(asset, partition, suffix)).exists()
@@ -296,32 +292,18 @@ class S3Storage(Storage):
         finally:
             spool.unlink(missing_ok=True)
 
-    def _local_copy(self, asset: str, partition: str | None, suffix: str | None) -> Path:
+    def local_table(self, asset: str, partition: str | None, suffix: str | None) -> Path:
         relative = table_name(asset, partition, suffix)
         location = self._location.child(relative)
         client = self._client()
         meta = head(client, location)
         if meta is None:
-            raise FileNotFoundError(
-                f"{location.uri} does not exist: materialize {asset}"
-                + (f" for partition {partition!r}" if partition else "")
-                + " first"
-            )
+            raise FileNotFoundError(_no_table(location.uri, asset, partition))
         etag = meta["ETag"].strip('"').replace("/", "_")
         local = self._cache / ".tables" / f"{relative}.{etag}"
         if not local.exists():
             download_object(client, location, local)
         return local
-
-    def read(
-        self, asset: str, partition: str | None = None, suffix: str | None = None
-    ) -> pl.DataFrame:
-        return pl.read_parquet(self._local_copy(asset, partition, suffix))
-
-    def scan(
-        self, asset: str, partition: str | None = None, suffix: str | None = None
-    ) -> pl.LazyFrame:
-        return pl.scan_parquet(self._local_copy(asset, partition, suffix))
 
     def exists(self, asset: str, partition: str | None = None, suffix: str | None = None) -> bool:
         location = self._location.child(table_name(asset, partition, suffix))
