@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 # Drop reasons: a closed set, so a check can tell a new failure mode from a known one.
 BLANK_LINE = "blank_line"
 TOO_LARGE = "too_large"
@@ -168,6 +170,34 @@ def parse_line(line_no: int, raw: bytes, settings: FilterSettings) -> Document |
     )
 
 
+class KeySet:
+    """An exact set of 64-bit keys that costs ~8 bytes a key: recent keys sit in a Python
+    set (~70 bytes each), and every ``settle_every`` of them are merged into one sorted
+    numpy array. The dedup keys of a shard live as long as the shard is read, so memory
+    stays flat as shards grow."""
+
+    def __init__(self, settle_every: int = 1 << 18):
+        self._settled = np.empty(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+        self._settle_every = settle_every
+
+    def __contains__(self, key: int) -> bool:
+        if key in self._recent:
+            return True
+        at = int(self._settled.searchsorted(np.uint64(key)))
+        return at < self._settled.size and int(self._settled[at]) == key
+
+    def __len__(self) -> int:
+        return self._settled.size + len(self._recent)
+
+    def add(self, key: int) -> None:
+        self._recent.add(key)
+        if len(self._recent) >= self._settle_every:
+            recent = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+            self._settled = np.union1d(self._settled, recent)
+            self._recent.clear()
+
+
 def _key64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
@@ -193,11 +223,10 @@ class CandidateFilter:
         self.settings = settings
         self.count_tokens = count_tokens
         self.token_budget = token_budget
-        # 64-bit keys, not the strings: the sets live for the whole shard, and a Python int
-        # costs a third of a hex digest or a URL id (a false duplicate needs a 64-bit
-        # collision: ~3e-8 at a million documents).
-        self._seen_texts: set[int] = set()
-        self._seen_ids: set[int] = set()
+        # 64-bit keys, not the strings (a false duplicate needs a 64-bit collision: ~3e-8
+        # at a million documents), in sets that cost ~8 bytes a key.
+        self._seen_texts = KeySet()
+        self._seen_ids = KeySet()
         self.lines_read = 0
         self.drops_by_reason: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
 

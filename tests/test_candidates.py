@@ -106,3 +106,17 @@ def test_duplicates_are_found_across_batches():
 def test_no_room_for_a_document_is_a_clear_error():
     with pytest.raises(ValueError, match="context window"):
         c.CandidateFilter(SETTINGS, _counter, token_budget=0)
+
+
+def test_the_key_set_is_exact_across_settling():
+    from bft_assets.candidates import KeySet
+
+    keys = KeySet(settle_every=4)
+    added = [0, 2**64 - 1, 17, 5, 2**63, 99, 3]
+    for key in added:
+        assert key not in keys
+        keys.add(key)
+        assert key in keys
+    assert len(keys) == len(added)
+    assert all(k in keys for k in added)  # settled into the sorted array and still found
+    assert not any(k in keys for k in (1, 4, 2**64 - 2, 2**63 + 1))
