@@ -23,13 +23,7 @@ from bft_assets.checks import rate_floor_check
 from bft_assets.generation import safe
 from bft_assets.metrics import length_controlled_win_rate, unique_trigrams, win_rate
 from bft_assets.partitions import CORPUS_SHARDS, recipes
-from bft_assets.policies import (
-    GPU_POOL,
-    ONE_PARTITION_PER_RUN,
-    REBUILD_STALE,
-    gpu_op_tags,
-    inference_gpus,
-)
+from bft_assets.policies import gpu_step, inference_gpus
 from bft_assets.prompts import EVAL_TAGS, JUDGE, llama2_inst
 from bft_assets.reporting import markdown_table, table_metadata
 from bft_assets.rewriting import REWRITTEN_DATASET, rewritten_dataset
@@ -328,10 +322,7 @@ def _recipe_table(storage: Storage) -> dg.MetadataValue:
     deps=[finetuned_checkpoint, dg.AssetDep(rewritten_dataset, partition_mapping=dg.AllPartitionMapping())],
     group_name="evaluation",
     kinds={"transformers", "polars"},
-    pool=GPU_POOL,
-    backfill_policy=ONE_PARTITION_PER_RUN,
-    automation_condition=REBUILD_STALE,
-    op_tags=gpu_op_tags(inference_gpus()),
+    **gpu_step(inference_gpus()),
     code_version=f"judge={JUDGE.version};eval-v1",
     check_specs=[rule.spec(EVAL_SCORES) for rule in EVAL_RULES]
     + [

@@ -11,13 +11,7 @@ import polars as pl
 from pydantic import Field
 
 from bft_assets.partitions import corpus_shards
-from bft_assets.policies import (
-    GPU_POOL,
-    ONE_PARTITION_PER_RUN,
-    REBUILD_STALE,
-    gpu_op_tags,
-    inference_gpus,
-)
+from bft_assets.policies import gpu_step, inference_gpus
 from bft_assets.prompts import neutralize
 from bft_assets.reporting import percentile_metadata
 from bft_assets.settings import resolved
@@ -57,17 +51,15 @@ class SamplingConfig(dg.Config):
 
 
 def generation_stage(prompt_versions: str, sampling: Sampling, model_setting: str) -> dict:
-    """Decorator arguments every per-shard generation stage shares: shard partitions, the
-    `gpu` concurrency pool, one shard per backfill run, automatic rebuilds when stale, and a code version made of what changes its output (prompt
-    versions, sampling settings, model reference), so changing any marks it stale."""
+    """Decorator arguments every per-shard generation stage shares: shard partitions, what
+    every GPU step declares (``gpu_step``), and a code version made of what changes its
+    output (prompt versions, sampling settings, model reference), so changing any marks it
+    stale."""
     return {
         "partitions_def": corpus_shards,
         "group_name": "generation",
         "kinds": {"polars", "transformers"},
-        "pool": GPU_POOL,
-        "backfill_policy": ONE_PARTITION_PER_RUN,
-        "automation_condition": REBUILD_STALE,
-        "op_tags": gpu_op_tags(inference_gpus()),
+        **gpu_step(inference_gpus()),
         "code_version": f"prompt={prompt_versions};sampling={sampling.describe()};model={resolved(model_setting)}",
     }
 

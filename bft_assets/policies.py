@@ -81,3 +81,14 @@ rebuild_stale_sensor = dg.AutomationConditionSensorDefinition(
     description="Rebuilds missing and stale partitions (prompt, sampling or model changed, "
     "upstream rebuilt) once upstream checks pass. Stopped by default: it spends GPU time.",
 )
+
+
+def gpu_step(gpus: int) -> dict:
+    """Decorator arguments of every partitioned asset that loads a model: the gpu pool, one
+    partition per backfill run, rebuilds when stale, and the step's GPU request."""
+    return {
+        "pool": GPU_POOL,
+        "backfill_policy": ONE_PARTITION_PER_RUN,
+        "automation_condition": REBUILD_STALE,
+        "op_tags": gpu_op_tags(gpus),
+    }

@@ -11,13 +11,7 @@ import dagster as dg
 import polars as pl
 
 from bft_assets.partitions import directions
-from bft_assets.policies import (
-    GPU_POOL,
-    ONE_PARTITION_PER_RUN,
-    REBUILD_STALE,
-    gpu_op_tags,
-    training_gpus,
-)
+from bft_assets.policies import gpu_step, training_gpus
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
 from bft_assets.seed import SEED_EXAMPLES, seed_examples
 from bft_assets.settings import resolved
@@ -73,10 +67,7 @@ def seed_model_checkpoint(storage: Storage, direction: str) -> Path:
     deps=[seed_examples],
     group_name="training",
     kinds={"transformers"},
-    pool=GPU_POOL,
-    backfill_policy=ONE_PARTITION_PER_RUN,
-    automation_condition=REBUILD_STALE,
-    op_tags=gpu_op_tags(training_gpus()),
+    **gpu_step(training_gpus()),
     code_version=f"{TRAINING_VERSION};prompt={BACKTRANSLATE.version};base={resolved('BFT_BASE_MODEL')}",
     check_specs=[
         dg.AssetCheckSpec(CHECK_SEED_LOSS, asset=SEED_MODEL, blocking=True,

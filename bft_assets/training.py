@@ -10,13 +10,7 @@ import polars as pl
 from pydantic import Field
 
 from bft_assets.partitions import CORPUS_SHARDS, RECIPES, recipes
-from bft_assets.policies import (
-    GPU_POOL,
-    ONE_PARTITION_PER_RUN,
-    REBUILD_STALE,
-    gpu_op_tags,
-    training_gpus,
-)
+from bft_assets.policies import gpu_step, training_gpus
 from bft_assets.prompts import SEED_TAG, WEB_TAG, llama2_inst
 from bft_assets.reporting import sample_rows, table_metadata
 from bft_assets.rewriting import OK, REWRITTEN_DATASET, rewritten_dataset
@@ -168,10 +162,7 @@ TRAINING_SET_COLUMNS = {
     deps=[seed_examples, dg.AssetDep(rewritten_dataset, partition_mapping=dg.AllPartitionMapping())],
     group_name="training",
     kinds={"transformers", "polars"},
-    pool=GPU_POOL,
-    backfill_policy=ONE_PARTITION_PER_RUN,
-    automation_condition=REBUILD_STALE,
-    op_tags=gpu_op_tags(training_gpus()),
+    **gpu_step(training_gpus()),
     code_version=f"{TRAINING_VERSION};tags={SEED_TAG}|{WEB_TAG};base={resolved('BFT_BASE_MODEL')}",
     check_specs=[rule.spec(FINETUNED_CHECKPOINT) for rule in TRAINING_SET_RULES]
     + [
