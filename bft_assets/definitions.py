@@ -95,8 +95,10 @@ def step_executor() -> dg.ExecutorDefinition | None:
         from dagster_aws.ecs import ecs_executor
 
         return ecs_executor
+    if kind == "in_process":
+        return dg.in_process_executor  # no process per step: ~3 s less per step on 2 cores
     if kind != "multiprocess":
-        raise ValueError(f"BFT_EXECUTOR={kind!r}: use multiprocess, k8s or ecs")
+        raise ValueError(f"BFT_EXECUTOR={kind!r}: use multiprocess, in_process, k8s or ecs")
     return None
 
 

@@ -31,7 +31,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BFT_EVAL_URI": (str(demo_eval_path()), "Evaluation set: AlpacaEval JSON list or JSONL."),
     "BFT_INFERENCE_GPUS": ("1", "GPUs per generation/evaluation step: vLLM tensor parallelism and the step's GPU request."),
     "BFT_TRAINING_GPUS": ("1", "GPUs per training step: accelerate processes and the step's GPU request."),
-    "BFT_EXECUTOR": ("multiprocess", "Where steps run: multiprocess (in the run's process tree), k8s (a pod per step) or ecs (a task per step)."),
+    "BFT_EXECUTOR": ("multiprocess", "Where steps run: multiprocess (a process per step), in_process (all in the run's process), k8s (a pod per step) or ecs (a task per step)."),
 }  # fmt: skip
 
 

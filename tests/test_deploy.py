@@ -99,14 +99,15 @@ def test_the_executor_follows_bft_executor(monkeypatch):
     from dagster_k8s import k8s_job_executor
 
     assert step_executor() is None  # multiprocess: Dagster's default
-    for kind, executor in (("k8s", k8s_job_executor), ("ecs", ecs_executor)):
+    for kind, executor in (("k8s", k8s_job_executor), ("ecs", ecs_executor),
+                           ("in_process", dg.in_process_executor)):  # fmt: skip
         monkeypatch.setenv("BFT_EXECUTOR", kind)
         assert step_executor() is executor
         with_executor = dg.Definitions(assets=defs.assets, resources=defs.resources,
                                        executor=step_executor())  # fmt: skip
         dg.Definitions.validate_loadable(with_executor)
     monkeypatch.setenv("BFT_EXECUTOR", "slurm")
-    with pytest.raises(ValueError, match="BFT_EXECUTOR='slurm'"):
+    with pytest.raises(ValueError, match="BFT_EXECUTOR='slurm': use multiprocess, in_process"):
         step_executor()
 
 
