@@ -7,6 +7,7 @@ are the resource's fields (set from ``EnvVar``) or, where unset, boto3's standar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -55,8 +56,19 @@ class S3Location:
 
 
 def client(s3: S3Resource | None) -> Any:
-    """A boto3 S3 client; without a resource, boto3's standard configuration chain."""
-    return (s3 or S3Resource()).get_client()
+    """A boto3 S3 client; without a resource, boto3's standard configuration chain. One
+    client per distinct setting in a process: building one (session, credential chain,
+    endpoint) takes ~160 ms here, and a step reads and writes many objects. boto3 clients
+    are thread-safe and refresh temporary credentials themselves."""
+    settings = tuple(sorted((s3 or S3Resource()).model_dump().items()))
+    # Unset fields fall back to the AWS_* variables, so they are part of what a client is for.
+    chain = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return _client_for(settings, chain)
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(settings: tuple[tuple[str, Any], ...], _chain: tuple[tuple[str, str], ...]) -> Any:
+    return S3Resource(**dict(settings)).get_client()
 
 
 def list_objects(s3_client: Any, folder: S3Location) -> Iterator[dict]:
