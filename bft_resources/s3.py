@@ -140,30 +140,23 @@ def download_folder(s3_client: Any, folder: S3Location, objects: list[dict], tar
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def upload_folder(
-    s3_client: Any, source: Path, folder: S3Location, last: str | None = None
-) -> dict[str, str]:
+def upload_folder(s3_client: Any, source: Path, folder: S3Location, last: str) -> str:
     """Upload every file under ``source`` to ``folder`` and delete the objects the new
     folder no longer has; ``last`` (a marker such as a manifest) goes up after all of
-    that, so a reader who waits for it never sees a mix. Returns each key's ETag."""
+    that, so a reader who waits for it never sees a mix. Returns the marker's ETag."""
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.name != _READY)
-    marker = [p for p in files if p.name == last]
-    wanted = {folder.child(p.relative_to(source).as_posix()).key for p in files}
+    key_of = {p: folder.child(p.relative_to(source).as_posix()) for p in files}
+    wanted = {target.key for target in key_of.values()}
     stale = [e["Key"] for e in list_objects(s3_client, folder) if e["Key"] not in wanted]
-    etags = {}
-    for path in [p for p in files if p.name != last]:
-        etags.update(_upload(s3_client, path, folder.child(path.relative_to(source).as_posix())))
+    # A PUT (or a completed multipart upload) makes an object visible whole or not at all.
+    for path in files:
+        if path.name != last:
+            s3_client.upload_file(str(path), key_of[path].bucket, key_of[path].key)
     for start in range(0, len(stale), 1000):  # delete_objects takes at most 1,000 keys
         s3_client.delete_objects(
             Bucket=folder.bucket,
             Delete={"Objects": [{"Key": k} for k in stale[start : start + 1000]]},
         )
-    for path in marker:
-        etags.update(_upload(s3_client, path, folder.child(path.relative_to(source).as_posix())))
-    return etags
-
-
-def _upload(s3_client: Any, path: Path, target: S3Location) -> dict[str, str]:
-    # A PUT (or a completed multipart upload) makes an object visible whole or not at all.
-    s3_client.upload_file(str(path), target.bucket, target.key)
-    return {target.key: head(s3_client, target)["ETag"]}
+    marker = folder.child(last)
+    s3_client.upload_file(str(source / last), marker.bucket, marker.key)
+    return head(s3_client, marker)["ETag"]

@@ -329,9 +329,9 @@ class S3Storage(Storage):
         manifest = folder.child(CHECKPOINT_MANIFEST)
         client = self._client()
         client.delete_object(Bucket=manifest.bucket, Key=manifest.key)
-        etags = upload_folder(client, staged, folder, last=CHECKPOINT_MANIFEST)
+        manifest_etag = upload_folder(client, staged, folder, last=CHECKPOINT_MANIFEST)
         # What was just uploaded is what a reader in this process would download: keep it.
-        cached = self._fetched(asset, partition, etags[manifest.key])
+        cached = self._fetched(asset, partition, manifest_etag)
         if cached.exists():
             shutil.rmtree(cached)
         cached.parent.mkdir(parents=True, exist_ok=True)
