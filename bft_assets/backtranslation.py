@@ -6,32 +6,23 @@ from collections import Counter
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
 from bft_assets.checks import accounting_check, rate_ceiling_check
-from bft_assets.corpus import CANDIDATE_RESPONSES, candidate_responses
 from bft_assets.generation import (
-    MODEL_SOURCE_HELP,
-    ModelSource,
-    SamplingConfig,
     generate_column,
     generation_stage,
     generations_frame,
     length_metadata,
     safe,
+    sampling_of,
+    stage_model,
     work_for,
     work_metadata,
 )
+from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES, BftInstance
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
 from bft_assets.reporting import counts_table, sample_rows, table_metadata
-from bft_assets.seed_model import seed_model, stage_model
-from bft_resources.engine import InferenceEngine
-from bft_resources.models import ModelResource
 from bft_resources.quality import Rule, run_rules
-from bft_resources.storage import Storage
-
-BACKTRANSLATED_POOL = "backtranslated_pool"
-BACKTRANSLATE_SAMPLING = SamplingConfig().sampling()
 
 EMPTY = "empty"
 SAME_AS_FIRST_LINE = "same_as_first_line"
@@ -84,11 +75,6 @@ def instruction_flag(instruction: str, response: str) -> str | None:
     return None
 
 
-class BacktranslateConfig(SamplingConfig):
-    model_source: ModelSource = Field(default="seed_model", description=MODEL_SOURCE_HELP)
-    max_new_tokens: int = Field(default=256, description="Most tokens of a generated instruction.")
-
-
 POOL_COLUMNS = {
     "doc_id": "candidate_responses id",
     "response": "The web document",
@@ -99,99 +85,93 @@ POOL_COLUMNS = {
 }
 
 
-@dg.asset(
-    **generation_stage(BACKTRANSLATE.version, BACKTRANSLATE_SAMPLING, "BFT_BACKWARD_MODEL"),
-    deps=[
-        candidate_responses,
-        dg.AssetDep(
-            seed_model, partition_mapping=dg.SpecificPartitionsPartitionMapping(["backward"])
-        ),
-    ],
-    check_specs=[rule.spec(BACKTRANSLATED_POOL) for rule in BACKTRANSLATION_RULES]
-    + [
-        dg.AssetCheckSpec(
-            CHECK_ACCOUNTED,
-            asset=BACKTRANSLATED_POOL,
-            blocking=True,
-            description="One pool row per candidate response taken in.",
-        ),
-        dg.AssetCheckSpec(
-            CHECK_FLAGGED,
-            asset=BACKTRANSLATED_POOL,
-            description="Share of degenerate instructions stays under 50% (WARN).",
-        ),
-    ],
-)
-def backtranslated_pool(
-    context: dg.AssetExecutionContext,
-    config: BacktranslateConfig,
-    engine: InferenceEngine,
-    backward_model: ModelResource,
-    storage: Storage,
-) -> dg.MaterializeResult:
-    """Candidate responses paired with the instruction the backward model p(x|y) writes for
-    each (step 1). Degenerate instructions are kept and flagged with a reason."""
-    shard = context.partition_key
-    candidates = storage.read(CANDIDATE_RESPONSES, shard).select("id", "text", "n_tokens")
-    if config.max_rows is not None:
-        candidates = candidates.head(config.max_rows)
-    rows = candidates.rename({"id": "doc_id", "text": "response"}).with_columns(
-        row_id=pl.col("doc_id")
-    )
-    sampling = config.sampling()
-    model_ref = stage_model(config.model_source, storage, "backward", backward_model)
-    work = work_for(storage, context, BACKTRANSLATED_POOL, f"{sampling};{model_ref}")
-    with engine.load(model_ref, fallback=llama2_inst) as model:
-        clean = safe(model)
+def build_backtranslated_pool(inst: BftInstance) -> dg.AssetsDefinition:
+    key = inst.key(BACKTRANSLATED_POOL)
+    table = inst.table(BACKTRANSLATED_POOL)
+    settings = inst.generation.backtranslation
+    sampling = sampling_of(settings)
+    model_reference = inst.stage_model_reference("backward")
 
-        def backtranslate(batch: pl.DataFrame) -> pl.DataFrame:
-            messages = [BACKTRANSLATE.render(response=clean(r)) for r in batch["response"]]
-            return generations_frame(
-                batch, generate_column(model, messages, sampling), "raw_instruction"
+    @dg.asset(
+        **generation_stage(inst, BACKTRANSLATED_POOL, BACKTRANSLATE.version, settings, model_reference,
+                           {"backward_model", "seed_model_storage"}),
+        deps=[inst.key(CANDIDATE_RESPONSES), *inst.stage_deps("backward")],
+        check_specs=[rule.spec(key) for rule in BACKTRANSLATION_RULES]
+        + [
+            dg.AssetCheckSpec(CHECK_ACCOUNTED, asset=key, blocking=True,
+                              description="One pool row per candidate response taken in."),
+            dg.AssetCheckSpec(CHECK_FLAGGED, asset=key,
+                              description="Share of degenerate instructions stays under 50% (WARN)."),
+        ],
+    )  # fmt: skip
+    def backtranslated_pool(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Candidate responses paired with the instruction the backward model p(x|y) writes
+        for each (step 1). Degenerate instructions are kept and flagged with a reason."""
+        r = inst.bound(context)
+        storage = r.storage
+        shard = context.partition_key
+        candidates = storage.read(inst.table(CANDIDATE_RESPONSES), shard).select(
+            "id", "text", "n_tokens"
+        )
+        rows = candidates.rename({"id": "doc_id", "text": "response"}).with_columns(
+            row_id=pl.col("doc_id")
+        )
+        model_ref = stage_model(inst, "backward", r.backward_model, r.seed_model_storage or storage)
+        work = work_for(storage, context, table, f"{sampling};{model_ref.reference}")
+        with r.engine.load(model_ref, fallback=llama2_inst) as model:
+            clean = safe(model)
+
+            def backtranslate(batch: pl.DataFrame) -> pl.DataFrame:
+                messages = [BACKTRANSLATE.render(response=clean(x)) for x in batch["response"]]
+                return generations_frame(
+                    batch, generate_column(model, messages, sampling), "raw_instruction"
+                )
+
+            generated, stats = work.run(
+                rows, backtranslate, settings.batch_rows, context.log.info, "documents"
             )
 
-        generated, stats = work.run(
-            rows, backtranslate, config.batch_rows, context.log.info, "documents"
+        pool = rows.join(generated, on="row_id", how="left").with_columns(
+            instruction=pl.col("raw_instruction").map_elements(
+                clean_instruction, return_dtype=pl.String
+            ),
+            model=pl.lit(model_ref.reference),
+        )
+        pool = pool.with_columns(
+            instruction_flag=pl.struct("instruction", "response").map_elements(
+                lambda x: instruction_flag(x["instruction"], x["response"]), return_dtype=pl.String
+            )
+        )
+        uri = storage.write(table, pool, partition=shard)
+        work.clear()
+        flags = dict(pool["instruction_flag"].drop_nulls().value_counts().rows())
+        flagged = sum(flags.values())
+        return dg.MaterializeResult(
+            metadata={
+                "rows": pool.height,
+                **table_metadata(pool, POOL_COLUMNS),
+                **work_metadata(stats, rows.height, pool.height),
+                "flagged": flagged,
+                **{f"flagged_{f}": flags.get(f, 0) for f in INSTRUCTION_FLAGS},
+                "flags": counts_table(flags, "flag"),
+                **length_metadata(pool, "instruction"),
+                "sample": sample_rows(
+                    pool, ["doc_id", "instruction", "response", "instruction_flag"]
+                ),
+                "path": dg.MetadataValue.path(uri),
+                "model": model_ref.reference,
+                "prompt_version": BACKTRANSLATE.version,
+            },
+            check_results=[
+                *run_rules(pool, BACKTRANSLATION_RULES),
+                accounting_check(
+                    CHECK_ACCOUNTED,
+                    rows.height,
+                    pool.filter(pl.col("raw_instruction").is_not_null()).height,
+                    {},
+                ),
+                rate_ceiling_check(CHECK_FLAGGED, flagged, pool.height, 0.5),
+            ],
         )
 
-    pool = rows.join(generated, on="row_id", how="left").with_columns(
-        instruction=pl.col("raw_instruction").map_elements(
-            clean_instruction, return_dtype=pl.String
-        ),
-        model=pl.lit(model_ref),
-    )
-    pool = pool.with_columns(
-        instruction_flag=pl.struct("instruction", "response").map_elements(
-            lambda r: instruction_flag(r["instruction"], r["response"]), return_dtype=pl.String
-        )
-    )
-    uri = storage.write(BACKTRANSLATED_POOL, pool, partition=shard)
-    work.clear()
-    flags = dict(pool["instruction_flag"].drop_nulls().value_counts().rows())
-    flagged = sum(flags.values())
-    return dg.MaterializeResult(
-        metadata={
-            "rows": pool.height,
-            **table_metadata(pool, POOL_COLUMNS),
-            **work_metadata(stats, rows.height, pool.height),
-            "flagged": flagged,
-            **{f"flagged_{f}": flags.get(f, 0) for f in INSTRUCTION_FLAGS},
-            "flags": counts_table(flags, "flag"),
-            **length_metadata(pool, "instruction"),
-            "sample": sample_rows(pool, ["doc_id", "instruction", "response", "instruction_flag"]),
-            "path": dg.MetadataValue.path(uri),
-            "model": model_ref,
-            "model_source": config.model_source,
-            "prompt_version": BACKTRANSLATE.version,
-        },
-        check_results=[
-            *run_rules(pool, BACKTRANSLATION_RULES),
-            accounting_check(
-                CHECK_ACCOUNTED,
-                rows.height,
-                pool.filter(pl.col("raw_instruction").is_not_null()).height,
-                {},
-            ),
-            rate_ceiling_check(CHECK_FLAGGED, flagged, pool.height, 0.5),
-        ],
-    )
+    return backtranslated_pool

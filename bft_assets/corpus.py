@@ -9,21 +9,23 @@ from itertools import islice
 import dagster as dg
 import polars as pl
 import pyarrow as pa
-from pydantic import Field
 
 from bft_assets.candidates import DROP_REASONS, CandidateFilter, Document, Drop, FilterSettings
 from bft_assets.checks import accounting_check, rate_floor_check
-from bft_assets.partitions import CORPUS_SHARDS, corpus_shards
-from bft_assets.policies import ONE_PARTITION_PER_RUN, REBUILD_STALE
+from bft_assets.instance import (
+    CANDIDATE_RESPONSES,
+    CORPUS_DOCUMENTS,
+    BftInstance,
+    digest,
+)
+from bft_assets.policies import ONE_PARTITION_PER_RUN
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
 from bft_assets.reporting import counts_table, percentile_metadata, sample_rows, table_metadata
 from bft_resources.corpus import CorpusSource
 from bft_resources.models import ModelResource
 from bft_resources.quality import Rule, run_rules
-from bft_resources.storage import Storage, table_name
+from bft_resources.storage import table_name
 
-CORPUS_DOCUMENTS = "corpus_documents"
-CANDIDATE_RESPONSES = "candidate_responses"
 SHARD_SENSOR = "corpus_shard_sensor"
 FILTER_VERSION = "filters-v1"
 _BATCH_LINES = 2048
@@ -63,71 +65,62 @@ CANDIDATE_RULES = (
 )
 
 
-def new_shard_keys(corpus: CorpusSource, instance: dg.DagsterInstance) -> list[str]:
+def new_shard_keys(
+    corpus: CorpusSource, instance: dg.DagsterInstance, partitions: str
+) -> list[str]:
     """Shards under the corpus root that have no partition yet."""
-    known = set(instance.get_dynamic_partitions(CORPUS_SHARDS))
+    known = set(instance.get_dynamic_partitions(partitions))
     return [s.key for s in corpus.list_shards() if s.key not in known]
 
 
-def discover_shards(corpus: CorpusSource, instance: dg.DagsterInstance) -> list[str]:
+def discover_shards(
+    corpus: CorpusSource, instance: dg.DagsterInstance, partitions: str
+) -> list[str]:
     """Add a dynamic partition for every shard not yet known; return the new keys."""
-    new = new_shard_keys(corpus, instance)
+    new = new_shard_keys(corpus, instance, partitions)
     if new:
-        instance.add_dynamic_partitions(CORPUS_SHARDS, new)
+        instance.add_dynamic_partitions(partitions, new)
     return new
 
 
-@dg.sensor(
-    name=SHARD_SENSOR,
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds a corpus_shards partition for every new shard file under BFT_CORPUS_URI.",
-)
-def corpus_shard_sensor(
-    context: dg.SensorEvaluationContext, corpus: CorpusSource
-) -> dg.SensorResult:
-    new = new_shard_keys(corpus, context.instance)
-    if not new:
-        return dg.SensorResult(skip_reason="no new shards")
-    context.log.info(f"new shards: {new}")
-    return dg.SensorResult(dynamic_partitions_requests=[corpus_shards.build_add_request(new)])
+def build_shard_sensor(inst: BftInstance) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=inst.name(SHARD_SENSOR),
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={inst.resource_key("corpus")},
+        description=f"Adds a {inst.shards.name} partition for every new shard file under {inst.corpus.uri}.",
+    )
+    def corpus_shard_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        corpus = inst.bound(context).corpus
+        new = new_shard_keys(corpus, context.instance, inst.shards.name)
+        if not new:
+            return dg.SensorResult(skip_reason="no new shards")
+        context.log.info(f"new shards: {new}")
+        return dg.SensorResult(dynamic_partitions_requests=[inst.shards.build_add_request(new)])
+
+    return corpus_shard_sensor
 
 
-@dg.observable_source_asset(
-    name=CORPUS_DOCUMENTS,
-    partitions_def=corpus_shards,
-    group_name="generation",
-    description="Web documents in Dolma format (gzip JSONL shards under BFT_CORPUS_URI), one "
-    "partition per shard; the data version is the shard's content hash.",
-)
-def corpus_documents(
-    context: dg.AssetExecutionContext, corpus: CorpusSource
-) -> dg.DataVersionsByPartition:
-    known = set(context.instance.get_dynamic_partitions(CORPUS_SHARDS))
-    versions = {s.key: corpus.fingerprint(s) for s in corpus.list_shards() if s.key in known}
-    context.log.info(f"observed {len(versions)} shards")
-    return dg.DataVersionsByPartition(versions)
+def build_corpus_documents(inst: BftInstance) -> dg.AssetsDefinition:
+    @dg.observable_source_asset(
+        key=inst.key(CORPUS_DOCUMENTS),
+        partitions_def=inst.shards,
+        group_name="generation",
+        owners=list(inst.owners),
+        tags=dict(inst.tags),
+        required_resource_keys={inst.resource_key("corpus")},
+        description=f"Web documents in Dolma format (gzip JSONL shards under {inst.corpus.uri}), "
+        "one partition per shard; the data version is the shard's content hash (ETag on S3).",
+    )
+    def corpus_documents(context: dg.AssetExecutionContext) -> dg.DataVersionsByPartition:
+        corpus = inst.bound(context).corpus
+        known = set(context.instance.get_dynamic_partitions(inst.shards.name))
+        versions = {s.key: corpus.fingerprint(s) for s in corpus.list_shards() if s.key in known}
+        context.log.info(f"observed {len(versions)} shards")
+        return dg.DataVersionsByPartition(versions)
 
-
-class CandidateConfig(dg.Config):
-    max_new_tokens: int = Field(
-        default=256,
-        description="Tokens reserved for the generated instruction (backtranslation budget).",
-    )
-    min_words: int = Field(
-        default=20, description="Documents with fewer words are dropped (too_short)."
-    )
-    english_only: bool = Field(default=True, description="Drop documents that do not look English.")
-    min_english_score: float = Field(
-        default=0.2,
-        description="Share of common English function words below which a document is not English.",
-    )
-    max_document_bytes: int = Field(
-        default=1_000_000, description="Longer raw lines are dropped (too_large)."
-    )
-    min_keep_rate: float = Field(
-        default=0.05, description="Keep rate under which the keep-rate check warns."
-    )
+    return corpus_documents
 
 
 def prompt_overhead(model: ModelResource) -> int:
@@ -230,126 +223,138 @@ CANDIDATE_COLUMNS = {
 }
 
 
-@dg.asset(
-    partitions_def=corpus_shards,
-    deps=[corpus_documents],
-    group_name="generation",
-    kinds={"polars", "transformers"},
-    code_version=f"{FILTER_VERSION};prompt={BACKTRANSLATE.version}",
-    backfill_policy=ONE_PARTITION_PER_RUN,
-    automation_condition=REBUILD_STALE,
-    check_specs=[rule.spec(CANDIDATE_RESPONSES) for rule in CANDIDATE_RULES]
-    + [
-        dg.AssetCheckSpec(
-            CHECK_TOKENS,
-            asset=CANDIDATE_RESPONSES,
-            blocking=True,
-            description="Every kept document fits the context window with the prompt and the generation budget.",
-        ),
-        dg.AssetCheckSpec(
-            CHECK_REASONS,
-            asset=CANDIDATE_RESPONSES,
-            description="Every rejected line carries one of the known drop reasons.",
-        ),
-        dg.AssetCheckSpec(
-            CHECK_KEEP_RATE,
-            asset=CANDIDATE_RESPONSES,
-            description="Share of lines kept is above the configured floor (WARN).",
-        ),
-        dg.AssetCheckSpec(
-            CHECK_ACCOUNTED,
-            asset=CANDIDATE_RESPONSES,
-            blocking=True,
-            description="Lines read == documents kept + lines dropped with a reason.",
-        ),
-    ],
-)
-def candidate_responses(
-    context: dg.AssetExecutionContext,
-    config: CandidateConfig,
-    corpus: CorpusSource,
-    base_model: ModelResource,
-    storage: Storage,
-) -> dg.MaterializeResult:
-    """Web documents of one shard that can serve as answers: parsed, English, deduplicated and
-    short enough that the backtranslation prompt and its generation budget fit the base
-    model's context window. Dropped lines go to the `.rejects` sidecar with their reason."""
-    shard_key = context.partition_key
-    shard = corpus.shard(shard_key)
-    overhead = prompt_overhead(base_model)
-    window = base_model.context_length()
-    budget = window - overhead - config.max_new_tokens
-    settings = FilterSettings(
-        config.max_document_bytes, config.min_words, config.english_only, config.min_english_score
-    )
-    rules = CandidateFilter(settings, token_counter(base_model), budget)
-    started = time.perf_counter()
-    with (
-        storage.table_writer(CANDIDATE_RESPONSES, shard_key, schema=CANDIDATE_SCHEMA) as kept_out,
-        storage.table_writer(
-            CANDIDATE_RESPONSES, shard_key, "rejects", schema=REJECT_SCHEMA
-        ) as drop_out,
-    ):
-        for batch in _batches(corpus.lines(shard), _BATCH_LINES):
-            kept, drops = rules.process(batch)
-            if kept:
-                kept_out.write(_kept_frame(shard_key, kept))
-            if drops:
-                drop_out.write(_drop_frame(shard_key, drops))
-        context.log.info(f"{shard_key}: read {rules.lines_read} lines, kept {kept_out.rows}")
-    elapsed = time.perf_counter() - started
+def build_candidate_responses(inst: BftInstance) -> dg.AssetsDefinition:
+    key = inst.key(CANDIDATE_RESPONSES)
+    stored = inst.table(CANDIDATE_RESPONSES)
+    filters = inst.corpus
+    max_new_tokens = inst.generation.backtranslation.max_new_tokens
 
-    # The checks and metadata read every column but the texts (their lengths stand in for
-    # them), so a shard is never held in memory whole, here either.
-    written = storage.scan(CANDIDATE_RESPONSES, shard_key)
-    table = written.select("id", "n_tokens", text_chars=pl.col("text").str.len_chars()).collect()
-    rejects = storage.scan(CANDIDATE_RESPONSES, shard_key, "rejects").select("reason").collect()
-    over_budget = table.filter(pl.col("n_tokens") > budget).height
-    unknown = rejects.filter(~pl.col("reason").is_in(DROP_REASONS)).height
-    return dg.MaterializeResult(
-        metadata={
-            "rows": table.height,
-            **table_metadata(written, CANDIDATE_COLUMNS, rows=table.height),
-            "lines_read": rules.lines_read,
-            "lines_dropped": rejects.height,
-            **{f"dropped_{k}": v for k, v in rules.drops_by_reason.items()},
-            "drops": counts_table(rules.drops_by_reason),
-            "keep_rate": table.height / rules.lines_read if rules.lines_read else 0.0,
-            **percentile_metadata("n_tokens", table["n_tokens"]),
-            "token_budget": budget,
-            "prompt_overhead_tokens": overhead,
-            "context_window": window,
-            "shard_uri": dg.MetadataValue.path(shard.uri),
-            "shard_bytes": shard.size_bytes,
-            "shard_hash": corpus.fingerprint(shard),
-            "docs_per_second": rules.lines_read / elapsed if elapsed else 0.0,
-            "sample": sample_rows(written.head(5).collect(), ["id", "n_tokens", "text"]),
-            "path": dg.MetadataValue.path(storage.uri(table_name(CANDIDATE_RESPONSES, shard_key))),
-            "rejects_path": dg.MetadataValue.path(
-                storage.uri(table_name(CANDIDATE_RESPONSES, shard_key, "rejects"))
+    @dg.asset(
+        **inst.asset_args(
+            CANDIDATE_RESPONSES, {"polars", "huggingface"}, {"corpus", "base_model", "storage"}
+        ),
+        partitions_def=inst.shards,
+        deps=[inst.key(CORPUS_DOCUMENTS)],
+        group_name="generation",
+        code_version=f"{FILTER_VERSION};prompt={BACKTRANSLATE.version};"
+        f"{digest(filters.model_dump(exclude={'uri'}), max_new_tokens, inst.models.base)}",
+        backfill_policy=ONE_PARTITION_PER_RUN,
+        check_specs=[rule.spec(key) for rule in CANDIDATE_RULES]
+        + [
+            dg.AssetCheckSpec(
+                CHECK_TOKENS,
+                asset=key,
+                blocking=True,
+                description="Every kept document fits the context window with the prompt and the generation budget.",
             ),
-            "base_model": base_model.reference,
-        },
-        check_results=[
-            *run_rules(table, CANDIDATE_RULES),
-            dg.AssetCheckResult(
-                check_name=CHECK_TOKENS,
-                passed=over_budget == 0 and table.height > 0,
-                metadata={
-                    "over_budget": over_budget,
-                    "budget": budget,
-                    "max_tokens": int(table["n_tokens"].max() or 0),
-                },
+            dg.AssetCheckSpec(
+                CHECK_REASONS,
+                asset=key,
+                description="Every rejected line carries one of the known drop reasons.",
             ),
-            dg.AssetCheckResult(
-                check_name=CHECK_REASONS,
-                passed=unknown == 0,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"unknown_reasons": unknown},
+            dg.AssetCheckSpec(
+                CHECK_KEEP_RATE,
+                asset=key,
+                description="Share of lines kept is above the configured floor (WARN).",
             ),
-            rate_floor_check(CHECK_KEEP_RATE, table.height, rules.lines_read, config.min_keep_rate),
-            accounting_check(
-                CHECK_ACCOUNTED, rules.lines_read, table.height, rules.drops_by_reason
+            dg.AssetCheckSpec(
+                CHECK_ACCOUNTED,
+                asset=key,
+                blocking=True,
+                description="Lines read == documents kept + lines dropped with a reason.",
             ),
         ],
     )
+    def candidate_responses(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Web documents of one shard that can serve as answers: parsed, English, deduplicated
+        and short enough that the backtranslation prompt and its generation budget fit the
+        base model's context window. Dropped lines go to the `.rejects` sidecar with their
+        reason."""
+        r = inst.bound(context)
+        corpus, base_model, storage = r.corpus, r.base_model, r.storage
+        shard_key = context.partition_key
+        shard = corpus.shard(shard_key)
+        overhead = prompt_overhead(base_model)
+        window = base_model.context_length()
+        budget = window - overhead - max_new_tokens
+        settings = FilterSettings(
+            filters.max_document_bytes,
+            filters.min_words,
+            filters.english_only,
+            filters.min_english_score,
+        )
+        rules = CandidateFilter(settings, token_counter(base_model), budget)
+        started = time.perf_counter()
+        with (
+            storage.table_writer(stored, shard_key, schema=CANDIDATE_SCHEMA) as kept_out,
+            storage.table_writer(stored, shard_key, "rejects", schema=REJECT_SCHEMA) as drop_out,
+        ):
+            for batch in _batches(corpus.lines(shard), _BATCH_LINES):
+                kept, drops = rules.process(batch)
+                if kept:
+                    kept_out.write(_kept_frame(shard_key, kept))
+                if drops:
+                    drop_out.write(_drop_frame(shard_key, drops))
+            context.log.info(f"{shard_key}: read {rules.lines_read} lines, kept {kept_out.rows}")
+        elapsed = time.perf_counter() - started
+
+        # The checks and metadata read every column but the texts (their lengths stand in for
+        # them), so a shard is never held in memory whole, here either.
+        written = storage.scan(stored, shard_key)
+        table = written.select(
+            "id", "n_tokens", text_chars=pl.col("text").str.len_chars()
+        ).collect()
+        rejects = storage.scan(stored, shard_key, "rejects").select("reason").collect()
+        over_budget = table.filter(pl.col("n_tokens") > budget).height
+        unknown = rejects.filter(~pl.col("reason").is_in(DROP_REASONS)).height
+        return dg.MaterializeResult(
+            metadata={
+                "rows": table.height,
+                **table_metadata(written, CANDIDATE_COLUMNS, rows=table.height),
+                "lines_read": rules.lines_read,
+                "lines_dropped": rejects.height,
+                **{f"dropped_{k}": v for k, v in rules.drops_by_reason.items()},
+                "drops": counts_table(rules.drops_by_reason),
+                "keep_rate": table.height / rules.lines_read if rules.lines_read else 0.0,
+                **percentile_metadata("n_tokens", table["n_tokens"]),
+                "token_budget": budget,
+                "prompt_overhead_tokens": overhead,
+                "context_window": window,
+                "shard_uri": dg.MetadataValue.path(shard.uri),
+                "shard_bytes": shard.size_bytes,
+                "shard_hash": corpus.fingerprint(shard),
+                "docs_per_second": rules.lines_read / elapsed if elapsed else 0.0,
+                "sample": sample_rows(written.head(5).collect(), ["id", "n_tokens", "text"]),
+                "path": dg.MetadataValue.path(storage.uri(table_name(stored, shard_key))),
+                "rejects_path": dg.MetadataValue.path(
+                    storage.uri(table_name(stored, shard_key, "rejects"))
+                ),
+                "base_model": base_model.reference,
+            },
+            check_results=[
+                *run_rules(table, CANDIDATE_RULES),
+                dg.AssetCheckResult(
+                    check_name=CHECK_TOKENS,
+                    passed=over_budget == 0 and table.height > 0,
+                    metadata={
+                        "over_budget": over_budget,
+                        "budget": budget,
+                        "max_tokens": int(table["n_tokens"].max() or 0),
+                    },
+                ),
+                dg.AssetCheckResult(
+                    check_name=CHECK_REASONS,
+                    passed=unknown == 0,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={"unknown_reasons": unknown},
+                ),
+                rate_floor_check(
+                    CHECK_KEEP_RATE, table.height, rules.lines_read, filters.min_keep_rate
+                ),
+                accounting_check(
+                    CHECK_ACCOUNTED, rules.lines_read, table.height, rules.drops_by_reason
+                ),
+            ],
+        )
+
+    return candidate_responses

@@ -30,21 +30,8 @@ _WORDS = re.compile(r"[A-Za-z]+")
 _ADDED = "2026-01-01T00:00:00.000Z"
 
 
-# Generation settings sized for a 2-core CPU: short replies, and scoring by log-probabilities
-# (one forward pass, always a valid score) and forced [RES] markers, which a 135M model
-# would not write on its own. The paper's defaults are the assets' config defaults.
-DEMO_SHARD_RUN_CONFIG = {
-    "backtranslated_pool": {"config": {"max_new_tokens": 48}},
-    "scored_pool": {"config": {"mode": "logprobs"}},
-    "rewritten_dataset": {"config": {"max_new_tokens": 192, "force_format": True}},
-}
-
-
-# A few steps at a higher learning rate than the paper's 1e-5: enough for the loss checks to
-# see the models learn, within a CPU's minutes.
-DEMO_TRAINING_CONFIG = {"learning_rate": 1e-4, "max_steps": 3, "batch_size": 8}
+# The recipes `bft demo` trains and evaluates (the instance declares all five).
 DEMO_RECIPES = ("seed_only", "filtering", "filtering_rewriting")
-DEMO_EVAL_CONFIG = {"reference": "base_model", "max_new_tokens": 96, "mauve_texts": 50}
 
 
 def demo_seed_path() -> Path:

@@ -13,24 +13,26 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
 from bft_assets.checks import rate_floor_check
 from bft_assets.generation import safe
+from bft_assets.instance import (
+    EVAL_SCORES,
+    FINETUNED_CHECKPOINT,
+    REWRITTEN_DATASET,
+    BftInstance,
+    digest,
+)
 from bft_assets.metrics import length_controlled_win_rate, unique_trigrams, win_rate
-from bft_assets.partitions import CORPUS_SHARDS, recipes
-from bft_assets.policies import gpu_step, inference_gpus
 from bft_assets.prompts import EVAL_TAGS, JUDGE, llama2_inst
 from bft_assets.reporting import markdown_table, table_metadata
-from bft_assets.rewriting import REWRITTEN_DATASET, rewritten_dataset
-from bft_assets.training import FINETUNED_CHECKPOINT, finetuned_checkpoint, tag
+from bft_assets.specs import EvalSpec
+from bft_assets.training import tag
 from bft_resources.embeddings import Embedder
 from bft_resources.engine import Chat, InferenceEngine, LoadedModel, LogprobsUnavailable, Sampling
-from bft_resources.eval_source import EvalSetSource
 from bft_resources.judge import Judge
 from bft_resources.models import ModelResource
 from bft_resources.quality import Rule, run_rules
@@ -38,7 +40,6 @@ from bft_resources.storage import Storage
 from bft_resources.trainer import MANIFEST
 from bft_resources.work import ResumableWork
 
-EVAL_SCORES = "eval_scores"
 VERDICTS = ("1", "2")
 LOGPROBS, TEXT, UNREAD = "logprobs", "text", "unread"
 
@@ -137,30 +138,6 @@ def diversity(training_set: pl.DataFrame, sample: int, seed: int = 0) -> dict[st
 # ---- the asset ---------------------------------------------------------------------------
 
 
-class EvalConfig(dg.Config):
-    temperature: float = Field(default=0.7, description="Answer sampling temperature (paper: 0.7).")
-    top_p: float = Field(default=0.9, description="Answer nucleus sampling (paper: 0.9).")
-    max_new_tokens: int = Field(default=512, description="Most tokens of an answer.")
-    seed: int = Field(default=0, description="Sampling seed.")
-    batch_rows: int = Field(default=16, description="Instructions per persisted batch.")
-    tags: list[str] = Field(
-        default=list(EVAL_TAGS), description=f"Suffix variants to evaluate: {sorted(EVAL_TAGS)}."
-    )
-    reference: Literal["dataset", "base_model"] = Field(
-        default="dataset",
-        description="Reference answers from the eval set's outputs, or made by the untuned base model.",
-    )
-    min_agreement: float = Field(
-        default=0.6, description="Share of both-order agreement under which a WARN check fails."
-    )
-    diversity_sample: int = Field(
-        default=1000, description="Generated pairs per recipe for the trigram counts."
-    )
-    mauve_texts: int = Field(
-        default=200, description="Responses per side for MAUVE (0: skip MAUVE)."
-    )
-
-
 def _key_frame(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(row_id=pl.col("index").cast(pl.String))
 
@@ -189,8 +166,8 @@ def _generate_answers(
 
 
 def _references(
-    context: dg.AssetExecutionContext, config: EvalConfig, eval_set: pl.DataFrame, engine: InferenceEngine,
-    base_model: ModelResource, storage: Storage, sampling: Sampling,
+    context: dg.AssetExecutionContext, config: EvalSpec, eval_set: pl.DataFrame, engine: InferenceEngine,
+    base_model: ModelResource, storage: Storage, table: str, sampling: Sampling,
 ) -> pl.DataFrame:  # fmt: skip
     """Reference answers: the eval set's own, or the untuned base model's (made once, kept)."""
     rows = _key_frame(eval_set)
@@ -204,15 +181,15 @@ def _references(
     key = hashlib.sha256(
         f"{base_model.reference};{sampling};{rows['instruction'].to_list()}".encode()
     ).hexdigest()[:12]
-    if storage.exists(EVAL_SCORES, "_references", key):
-        return storage.read(EVAL_SCORES, "_references", key)
-    work = ResumableWork(storage.scratch_dir(EVAL_SCORES, "_references", key), "row_id")
-    with engine.load(base_model.model, fallback=llama2_inst) as model:
+    if storage.exists(table, "_references", key):
+        return storage.read(table, "_references", key)
+    work = ResumableWork(storage.scratch_dir(table, "_references", key), "row_id")
+    with engine.load(base_model, fallback=llama2_inst) as model:
         answers = _generate_answers(
             model, rows, EVAL_TAGS["assistant"], sampling, work, config.batch_rows, context.log.info
         )
     references = answers.select("row_id", pl.col("answer").alias("reference"))
-    storage.write(EVAL_SCORES, references, partition="_references", suffix=key)
+    storage.write(table, references, partition="_references", suffix=key)
     return references
 
 
@@ -268,13 +245,11 @@ def _variant_scores(table: pl.DataFrame, variant: str) -> dict[str, float]:
 
 
 def _mauve_scores(
-    embedder: Embedder, storage: Storage, shards: list[str], responses: list[str], limit: int
-) -> dict:
+    embedder: Embedder, storage: Storage, table: str, shards: list[str], responses: list[str], limit: int
+) -> dict:  # fmt: skip
     if limit <= 0 or len(responses) < 2:
         return {}
-    frames = [
-        storage.read(REWRITTEN_DATASET, s) for s in shards if storage.exists(REWRITTEN_DATASET, s)
-    ]
+    frames = [storage.read(table, s) for s in shards if storage.exists(table, s)]
     pool = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
     if pool.is_empty():
         return {}
@@ -297,12 +272,13 @@ RECIPE_TABLE_COLUMNS = (
 )  # fmt: skip
 
 
-def recipe_summaries(storage: Storage) -> pl.DataFrame:
-    """One row per evaluated recipe (the paper's Table 1 as this run reproduces it)."""
+def recipe_summaries(inst: BftInstance, storage: Storage) -> pl.DataFrame:
+    """One row per evaluated recipe of an instance, side by side."""
+    table = inst.table(EVAL_SCORES)
     rows = [
-        storage.read(EVAL_SCORES, recipe, "summary")
-        for recipe in recipes.get_partition_keys()
-        if storage.exists(EVAL_SCORES, recipe, "summary")
+        storage.read(table, recipe.name, "summary")
+        for recipe in inst.recipes
+        if storage.exists(table, recipe.name, "summary")
     ]
     if not rows:
         return pl.DataFrame()
@@ -310,160 +286,194 @@ def recipe_summaries(storage: Storage) -> pl.DataFrame:
     return table.select([c for c in RECIPE_TABLE_COLUMNS if c in table.columns])
 
 
-def _recipe_table(storage: Storage) -> dg.MetadataValue:
-    rows = recipe_summaries(storage).to_dicts()
+def _recipe_table(inst: BftInstance, storage: Storage) -> dg.MetadataValue:
+    rows = recipe_summaries(inst, storage).to_dicts()
     return markdown_table(
         [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     )
 
 
-@dg.asset(
-    partitions_def=recipes,
-    deps=[finetuned_checkpoint, dg.AssetDep(rewritten_dataset, partition_mapping=dg.AllPartitionMapping())],
-    group_name="evaluation",
-    kinds={"transformers", "polars"},
-    **gpu_step(inference_gpus()),
-    code_version=f"judge={JUDGE.version};eval-v1",
-    check_specs=[rule.spec(EVAL_SCORES) for rule in EVAL_RULES]
-    + [
-        dg.AssetCheckSpec(CHECK_ALL_JUDGED, asset=EVAL_SCORES, blocking=True,
-                          description="Every instruction was judged in both orders; the shortfall is an ERROR."),
-        dg.AssetCheckSpec(CHECK_AGREEMENT, asset=EVAL_SCORES,
-                          description="The judge agrees with itself across the two orders often enough (WARN)."),
-        dg.AssetCheckSpec(CHECK_WIN_RATES, asset=EVAL_SCORES,
-                          description="Win rates lie in [0, 100] and carry a finite standard error."),
-    ],
-)  # fmt: skip
-def eval_scores(
-    context: dg.AssetExecutionContext,
-    config: EvalConfig,
-    engine: InferenceEngine,
-    judge: Judge,
-    eval_set: EvalSetSource,
-    base_model: ModelResource,
-    embedder: Embedder,
-    storage: Storage,
-) -> dg.MaterializeResult:
-    """Win rate (with standard error), length-controlled win rate and answer lengths of the
-    recipe's fine-tuned model against reference answers, judged pairwise in both orders,
-    for each evaluation suffix; and the recipe's data: trigram diversity and MAUVE."""
-    recipe = context.partition_key
+def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
+    key = inst.key(EVAL_SCORES)
+    table = inst.table(EVAL_SCORES)
+    config = inst.eval
     unknown = sorted(set(config.tags) - set(EVAL_TAGS))
     if unknown:
-        raise ValueError(f"unknown evaluation tags {unknown}; known: {sorted(EVAL_TAGS)}")
-    sampling = Sampling(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
-                        seed=config.seed)  # fmt: skip
-    questions = eval_set.read()
-    references = _references(context, config, questions, engine, base_model, storage, sampling)
-    rows = _key_frame(questions).drop("reference").join(references, on="row_id")
-    checkpoint = str(storage.fetch_checkpoint(FINETUNED_CHECKPOINT, recipe))
-    # Resumed answers must come from this very checkpoint and eval set: both are in the key.
-    manifest = (Path(checkpoint) / MANIFEST).read_bytes()
-    instructions = "\x00".join(rows["instruction"].to_list())
-    answered = []
-    with engine.load(checkpoint, fallback=llama2_inst) as model:  # one load for every suffix
-        for variant in config.tags:
-            key = hashlib.sha256(
-                f"{variant};{sampling};{instructions}".encode() + manifest
-            ).hexdigest()[:16]
-            work = ResumableWork(storage.scratch_dir(EVAL_SCORES, recipe, key), "row_id")
-            answers = _generate_answers(
-                model, rows, EVAL_TAGS[variant], sampling, work, config.batch_rows, context.log.info
-            )
-            answered.append(rows.join(answers, on="row_id").with_columns(variant=pl.lit(variant)))
-    pairs = pl.concat(answered).with_columns(
-        judgement_key=pl.struct("instruction", "answer", "reference").map_elements(
-            lambda r: judgement_key(r["instruction"], r["answer"], r["reference"], judge.reference),
-            return_dtype=pl.String,
-        )
-    )
+        raise ValueError(f"eval.tags: unknown {unknown}; known: {sorted(EVAL_TAGS)}")
 
-    cached = (
-        storage.read(EVAL_SCORES, recipe, "judgements")
-        if storage.exists(EVAL_SCORES, recipe, "judgements")
-        else None
-    )
-    cache = {} if cached is None else {k: (a, b, c) for k, a, b, c in cached.iter_rows()}
-    reused = len(set(pairs["judgement_key"]) & set(cache))
-
-    def save() -> None:
-        storage.write(EVAL_SCORES, pl.DataFrame(
-            [(k, *v) for k, v in cache.items()],
-            schema={"judgement_key": pl.String, "model_first": pl.Float64, "model_second": pl.Float64,
-                    "read_by": pl.String}, orient="row",
-        ), partition=recipe, suffix="judgements")  # fmt: skip
-
-    _judge_all(judge, pairs, cache, save, config.batch_rows, context.log.info)
-    verdicts = [cache[k] for k in pairs["judgement_key"]]
-    combined = [combine_orders(a, b) for a, b, _ in verdicts]
-    table = pairs.with_columns(
-        model_first=pl.Series([v[0] for v in verdicts], dtype=pl.Float64),
-        model_second=pl.Series([v[1] for v in verdicts], dtype=pl.Float64),
-        read_by=pl.Series([v[2] for v in verdicts], dtype=pl.String),
-        preference=pl.Series([c[0] for c in combined], dtype=pl.Float64),
-        agree=pl.Series([c[1] for c in combined], dtype=pl.Boolean),
-        recipe=pl.lit(recipe),
-        judge=pl.lit(judge.reference),
-    )
-    uri = storage.write(EVAL_SCORES, table, partition=recipe)
-
-    scores = {k: v for variant in config.tags for k, v in _variant_scores(table, variant).items()}
-    best = max(
-        config.tags,
-        key=lambda v: -1 if math.isnan(scores[f"{v}_win_rate"]) else scores[f"{v}_win_rate"],
-    )
-    training_set = storage.read(FINETUNED_CHECKPOINT, recipe, "train")
-    generated = training_set.filter(pl.col("source") == "generated")
-    shards = context.instance.get_dynamic_partitions(CORPUS_SHARDS)
-    data_scores = {
-        **diversity(training_set, config.diversity_sample),
-        "generated_pairs": generated.height,
-        "mean_instruction_words": float(
-            generated["instruction"].str.split(" ").list.len().mean() or 0.0
-        ),
-        "mean_response_words": float(generated["response"].str.split(" ").list.len().mean() or 0.0),
-        **_mauve_scores(
-            embedder, storage, shards, generated["response"].to_list(), config.mauve_texts
-        ),
-    }
-    summary = {"recipe": recipe, "best_tag": best, "win_rate": scores[f"{best}_win_rate"],
-               "standard_error": scores[f"{best}_standard_error"], "lc_win_rate": scores[f"{best}_lc_win_rate"],
-               **scores, **data_scores}  # fmt: skip
-    storage.write(EVAL_SCORES, pl.DataFrame([summary]), partition=recipe, suffix="summary")
-
-    by_source = (
-        table.filter(pl.col("variant") == best).group_by("dataset")
-        .agg(pl.len().alias("instructions"), (pl.col("preference").mean() * 100).round(1).alias("win_rate"))
-        .sort("dataset")
-    )  # fmt: skip
-    unjudged = table.filter(pl.col("preference").is_null() | (pl.col("read_by") == UNREAD)).height
-    agree = table["agree"].drop_nulls()
-    rates_ok = all(
-        0.0 <= scores[f"{v}_win_rate"] <= 100.0 and math.isfinite(scores[f"{v}_standard_error"])
-        for v in config.tags
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "recipe": recipe,
-            **table_metadata(table, {"preference": "P(model answer better), both orders averaged",
-                                     "agree": "Both orders pick the same winner", "read_by": "logprobs, text or unread"}),
-            "instructions": questions.height,
-            "judged_pairs": table.height - unjudged,
-            "judgements_reused": reused,
-            "read_by": markdown_table([{"read_by": k, "pairs": n} for k, n in table["read_by"].value_counts().rows()]),
-            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items() if k != "recipe"},
-            "recipes": _recipe_table(storage),
-            "win_rate_by_source": markdown_table(by_source.to_dicts()),
-            "path": dg.MetadataValue.path(uri),
-            "judge": judge.reference,
-            "checkpoint": dg.MetadataValue.path(checkpoint),
-        },
-        check_results=[
-            *run_rules(table, EVAL_RULES),
-            dg.AssetCheckResult(check_name=CHECK_ALL_JUDGED, passed=unjudged == 0 and table.height > 0,
-                                metadata={"unjudged": unjudged, "pairs": table.height}),
-            rate_floor_check(CHECK_AGREEMENT, int(agree.sum()), agree.len(), config.min_agreement),
-            dg.AssetCheckResult(check_name=CHECK_WIN_RATES, passed=rates_ok,
-                                metadata={f"{v}_win_rate": scores[f"{v}_win_rate"] for v in config.tags}),
+    @dg.asset(
+        **inst.asset_args(EVAL_SCORES, {"huggingface", "polars"},
+                          {"engine", "judge", "eval_set", "base_model", "embedder", "storage"}),
+        partitions_def=inst.recipe_partitions,
+        deps=[inst.key(FINETUNED_CHECKPOINT),
+              dg.AssetDep(inst.key(REWRITTEN_DATASET), partition_mapping=dg.AllPartitionMapping())],
+        group_name="evaluation",
+        **inst.gpu_args(inst.engine.tensor_parallel_size),
+        code_version=f"judge={JUDGE.version};eval-v1;{digest(config, inst.judge, inst.judge_model)}",
+        check_specs=[rule.spec(key) for rule in EVAL_RULES]
+        + [
+            dg.AssetCheckSpec(CHECK_ALL_JUDGED, asset=key, blocking=True,
+                              description="Every instruction was judged in both orders; the shortfall is an ERROR."),
+            dg.AssetCheckSpec(CHECK_AGREEMENT, asset=key,
+                              description="The judge agrees with itself across the two orders often enough (WARN)."),
+            dg.AssetCheckSpec(CHECK_WIN_RATES, asset=key,
+                              description="Win rates lie in [0, 100] and carry a finite standard error."),
         ],
     )  # fmt: skip
+    def eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Win rate (with standard error), length-controlled win rate and answer lengths of
+        the recipe's fine-tuned model against reference answers, judged pairwise in both
+        orders, for each evaluation suffix; and the recipe's data: trigram diversity and
+        MAUVE."""
+        r = inst.bound(context)
+        engine, judge, base_model, embedder, storage = (
+            r.engine,
+            r.judge,
+            r.base_model,
+            r.embedder,
+            r.storage,
+        )
+        sampling = Sampling(temperature=config.temperature, top_p=config.top_p,
+                            max_tokens=config.max_new_tokens, seed=config.seed)  # fmt: skip
+        questions = r.eval_set.read()
+        recipe = context.partition_key
+        references = _references(
+            context, config, questions, engine, base_model, storage, table, sampling
+        )
+        rows = _key_frame(questions).drop("reference").join(references, on="row_id")
+        checkpoint = str(storage.fetch_checkpoint(inst.table(FINETUNED_CHECKPOINT), recipe))
+        # Resumed answers must come from this very checkpoint and eval set: both are in the key.
+        manifest = (Path(checkpoint) / MANIFEST).read_bytes()
+        instructions = "\x00".join(rows["instruction"].to_list())
+        answered = []
+        with engine.load(
+            ModelResource(model=checkpoint), fallback=llama2_inst
+        ) as model:  # one load for every suffix
+            for variant in config.tags:
+                key = hashlib.sha256(
+                    f"{variant};{sampling};{instructions}".encode() + manifest
+                ).hexdigest()[:16]
+                work = ResumableWork(storage.scratch_dir(table, recipe, key), "row_id")
+                answers = _generate_answers(
+                    model,
+                    rows,
+                    EVAL_TAGS[variant],
+                    sampling,
+                    work,
+                    config.batch_rows,
+                    context.log.info,
+                )
+                answered.append(
+                    rows.join(answers, on="row_id").with_columns(variant=pl.lit(variant))
+                )
+        pairs = pl.concat(answered).with_columns(
+            judgement_key=pl.struct("instruction", "answer", "reference").map_elements(
+                lambda r: judgement_key(
+                    r["instruction"], r["answer"], r["reference"], judge.reference
+                ),
+                return_dtype=pl.String,
+            )
+        )
+
+        cached = (
+            storage.read(table, recipe, "judgements")
+            if storage.exists(table, recipe, "judgements")
+            else None
+        )
+        cache = {} if cached is None else {k: (a, b, c) for k, a, b, c in cached.iter_rows()}
+        reused = len(set(pairs["judgement_key"]) & set(cache))
+
+        def save() -> None:
+            storage.write(table, pl.DataFrame(
+                [(k, *v) for k, v in cache.items()],
+                schema={"judgement_key": pl.String, "model_first": pl.Float64, "model_second": pl.Float64,
+                        "read_by": pl.String}, orient="row",
+            ), partition=recipe, suffix="judgements")  # fmt: skip
+
+        _judge_all(judge, pairs, cache, save, config.batch_rows, context.log.info)
+        verdicts = [cache[k] for k in pairs["judgement_key"]]
+        combined = [combine_orders(a, b) for a, b, _ in verdicts]
+        results = pairs.with_columns(
+            model_first=pl.Series([v[0] for v in verdicts], dtype=pl.Float64),
+            model_second=pl.Series([v[1] for v in verdicts], dtype=pl.Float64),
+            read_by=pl.Series([v[2] for v in verdicts], dtype=pl.String),
+            preference=pl.Series([c[0] for c in combined], dtype=pl.Float64),
+            agree=pl.Series([c[1] for c in combined], dtype=pl.Boolean),
+            recipe=pl.lit(recipe),
+            judge=pl.lit(judge.reference),
+        )
+        uri = storage.write(table, results, partition=recipe)
+
+        scores = {
+            k: v for variant in config.tags for k, v in _variant_scores(results, variant).items()
+        }
+        best = max(
+            config.tags,
+            key=lambda v: -1 if math.isnan(scores[f"{v}_win_rate"]) else scores[f"{v}_win_rate"],
+        )
+        training_set = storage.read(inst.table(FINETUNED_CHECKPOINT), recipe, "train")
+        generated = training_set.filter(pl.col("source") == "generated")
+        shards = context.instance.get_dynamic_partitions(inst.shards.name)
+        data_scores = {
+            **diversity(training_set, config.diversity_sample),
+            "generated_pairs": generated.height,
+            "mean_instruction_words": float(
+                generated["instruction"].str.split(" ").list.len().mean() or 0.0
+            ),
+            "mean_response_words": float(
+                generated["response"].str.split(" ").list.len().mean() or 0.0
+            ),
+            **_mauve_scores(
+                embedder,
+                storage,
+                inst.table(REWRITTEN_DATASET),
+                shards,
+                generated["response"].to_list(),
+                config.mauve_texts,
+            ),
+        }
+        summary = {"recipe": recipe, "best_tag": best, "win_rate": scores[f"{best}_win_rate"],
+                   "standard_error": scores[f"{best}_standard_error"], "lc_win_rate": scores[f"{best}_lc_win_rate"],
+                   **scores, **data_scores}  # fmt: skip
+        storage.write(table, pl.DataFrame([summary]), partition=recipe, suffix="summary")
+
+        by_source = (
+            results.filter(pl.col("variant") == best).group_by("dataset")
+            .agg(pl.len().alias("instructions"), (pl.col("preference").mean() * 100).round(1).alias("win_rate"))
+            .sort("dataset")
+        )  # fmt: skip
+        unjudged = results.filter(
+            pl.col("preference").is_null() | (pl.col("read_by") == UNREAD)
+        ).height
+        agree = results["agree"].drop_nulls()
+        rates_ok = all(
+            0.0 <= scores[f"{v}_win_rate"] <= 100.0 and math.isfinite(scores[f"{v}_standard_error"])
+            for v in config.tags
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "recipe": recipe,
+                **table_metadata(results, {"preference": "P(model answer better), both orders averaged",
+                                         "agree": "Both orders pick the same winner", "read_by": "logprobs, text or unread"}),
+                "instructions": questions.height,
+                "judged_pairs": results.height - unjudged,
+                "judgements_reused": reused,
+                "read_by": markdown_table([{"read_by": k, "pairs": n} for k, n in results["read_by"].value_counts().rows()]),
+                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items() if k != "recipe"},
+                "recipes": _recipe_table(inst, storage),
+                "win_rate_by_source": markdown_table(by_source.to_dicts()),
+                "path": dg.MetadataValue.path(uri),
+                "judge": judge.reference,
+                "checkpoint": dg.MetadataValue.path(checkpoint),
+            },
+            check_results=[
+                *run_rules(results, EVAL_RULES),
+                dg.AssetCheckResult(check_name=CHECK_ALL_JUDGED, passed=unjudged == 0 and results.height > 0,
+                                    metadata={"unjudged": unjudged, "pairs": results.height}),
+                rate_floor_check(CHECK_AGREEMENT, int(agree.sum()), agree.len(), config.min_agreement),
+                dg.AssetCheckResult(check_name=CHECK_WIN_RATES, passed=rates_ok,
+                                    metadata={f"{v}_win_rate": scores[f"{v}_win_rate"] for v in config.tags}),
+            ],
+        )  # fmt: skip
+
+    return eval_scores

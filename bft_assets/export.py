@@ -14,8 +14,9 @@ from pathlib import Path
 
 import polars as pl
 
+from bft_assets.instance import FINETUNED_CHECKPOINT, BftInstance
 from bft_assets.prompts import BACKTRANSLATE, JUDGE, REWRITE, SCORE, SEED_TAG, WEB_TAG
-from bft_assets.training import FINETUNED_CHECKPOINT, chat_jsonl
+from bft_assets.training import chat_jsonl
 from bft_resources.storage import Storage
 from bft_resources.trainer import MANIFEST
 
@@ -60,17 +61,21 @@ Files: `data/` (`datasets.load_from_disk`), `train.jsonl` (chat `messages`), `tr
 """
 
 
-def export_recipe(storage: Storage, recipe: str, destination: Path) -> dict[str, str]:
+def export_recipe(
+    inst: BftInstance, storage: Storage, recipe: str, destination: Path
+) -> dict[str, str]:
     """Write everything under ``destination``; returns what went where."""
     from datasets import Dataset
 
-    if not storage.exists(FINETUNED_CHECKPOINT, recipe, "train"):
+    inst.recipe(recipe)  # a clear error for a recipe the instance does not declare
+    table = inst.table(FINETUNED_CHECKPOINT)
+    if not storage.exists(table, recipe, "train"):
         raise FileNotFoundError(
-            f"no training set for recipe {recipe!r}: materialize finetuned_checkpoint[{recipe}]"
+            f"no training set for recipe {recipe!r}: materialize {table}[{recipe}]"
         )
-    checkpoint = storage.fetch_checkpoint(FINETUNED_CHECKPOINT, recipe)
+    checkpoint = storage.fetch_checkpoint(table, recipe)
     manifest_path = checkpoint / MANIFEST
-    training_set = storage.read(FINETUNED_CHECKPOINT, recipe, "train")
+    training_set = storage.read(table, recipe, "train")
     manifest = json.loads(manifest_path.read_text())
 
     destination.mkdir(parents=True, exist_ok=True)

@@ -4,64 +4,63 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Literal
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
-from bft_assets.partitions import corpus_shards
-from bft_assets.policies import gpu_step, inference_gpus
+from bft_assets.instance import BftInstance, digest
 from bft_assets.prompts import neutralize
 from bft_assets.reporting import percentile_metadata
-from bft_assets.settings import resolved
+from bft_assets.specs import SamplingSpec
 from bft_resources.engine import Chat, Generation, LoadedModel, Sampling
+from bft_resources.models import ModelResource
 from bft_resources.storage import Storage
 from bft_resources.work import ResumableWork, WorkStats
 
-# METHOD.md: every generation step samples with nucleus sampling at T=1.0, top_p=0.9.
-PAPER_TEMPERATURE = 1.0
-PAPER_TOP_P = 0.9
+
+def sampling_of(spec: SamplingSpec, stop: tuple[str, ...] = ()) -> Sampling:
+    return Sampling(temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
+                    seed=spec.seed, stop=stop)  # fmt: skip
 
 
-ModelSource = Literal["seed_model", "configured"]
-MODEL_SOURCE_HELP = (
-    "seed_model: the checkpoint seed_model trained for this stage's direction; "
-    "configured: the model resource (BFT_BACKWARD_MODEL / BFT_FORWARD_MODEL)."
-)
-
-
-class SamplingConfig(dg.Config):
-    temperature: float = Field(
-        default=PAPER_TEMPERATURE, description="Sampling temperature (paper: 1.0)."
-    )
-    top_p: float = Field(default=PAPER_TOP_P, description="Nucleus sampling mass (paper: 0.9).")
-    max_new_tokens: int = Field(default=256, description="Most tokens generated per reply.")
-    seed: int = Field(default=0, description="Sampling seed (per batch).")
-    batch_rows: int = Field(
-        default=32, description="Rows per persisted batch (the unit of resumption)."
-    )
-    max_rows: int | None = Field(
-        default=None, description="Process only the first N rows of the shard (demos, trials)."
-    )
-
-    def sampling(self, stop: tuple[str, ...] = ()) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
-                        seed=self.seed, stop=stop)  # fmt: skip
-
-
-def generation_stage(prompt_versions: str, sampling: Sampling, model_setting: str) -> dict:
+def generation_stage(
+    inst: BftInstance,
+    asset: str,
+    prompt_versions: str,
+    settings: object,
+    model: str,
+    roles: set[str],
+) -> dict:
     """Decorator arguments every per-shard generation stage shares: shard partitions, what
-    every GPU step declares (``gpu_step``), and a code version made of what changes its
-    output (prompt versions, sampling settings, model reference), so changing any marks it
-    stale."""
+    every GPU step declares, and a code version made of what changes its output (prompt
+    versions, declared settings, model reference), so changing any marks it stale."""
     return {
-        "partitions_def": corpus_shards,
+        **inst.asset_args(
+            asset, {"polars", "huggingface", "pytorch"}, roles | {"engine", "storage"}
+        ),
+        "partitions_def": inst.shards,
         "group_name": "generation",
-        "kinds": {"polars", "transformers"},
-        **gpu_step(inference_gpus()),
-        "code_version": f"prompt={prompt_versions};sampling={sampling.describe()};model={resolved(model_setting)}",
+        **inst.gpu_args(inst.engine.tensor_parallel_size),
+        "code_version": f"prompt={prompt_versions};settings={digest(settings, model)}",
     }
+
+
+def stage_model(
+    inst: BftInstance, direction: str, declared: ModelResource | None, storage: Storage | None
+) -> ModelResource:
+    """The model a generation stage loads: the declared model of its direction, or the
+    trained seed_model checkpoint of that direction (this instance's or another's)."""
+    if declared is not None:
+        return declared
+    source = inst.seed_model_key()
+    assert source is not None and storage is not None
+    table = "/".join(source.path)
+    try:
+        return ModelResource(model=str(storage.fetch_checkpoint(table, direction)))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{exc}; or declare models.{direction} to use a model of your own"
+        ) from exc
 
 
 def work_for(

@@ -5,8 +5,6 @@ import json
 
 import dagster as dg
 
-from bft_assets.settings import resolved
-
 # Every step that loads a model takes a slot of this pool; its limit is the number of GPUs
 # (or of model replicas) the deployment has: `dagster instance concurrency set gpu N`.
 GPU_POOL = "gpu"
@@ -16,7 +14,7 @@ GPU_POOL = "gpu"
 # the run queue and the gpu pool spread the runs over the machines there are.
 ONE_PARTITION_PER_RUN = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
 
-AUTOMATION_SENSOR = "bft_rebuild_stale"
+AUTOMATION_SENSOR = "rebuild_stale"
 
 # Per-step GPU requests, read where a step runs in its own pod (dagster-k8s's
 # k8s_job_executor) or its own task (dagster-aws's ecs_executor). CPU steps ask for none.
@@ -46,16 +44,6 @@ def gpu_op_tags(gpus: int) -> dict[str, str]:
     return {K8S_CONFIG_TAG: json.dumps(k8s), ECS_CONTAINER_TAG: json.dumps(ecs), GPUS_TAG: count}
 
 
-def inference_gpus() -> int:
-    """GPUs one generation or evaluation step uses: vLLM's tensor_parallel_size."""
-    return int(resolved("BFT_INFERENCE_GPUS"))
-
-
-def training_gpus() -> int:
-    """GPUs one training step spreads over (``accelerate launch`` when more than one)."""
-    return int(resolved("BFT_TRAINING_GPUS"))
-
-
 _AC = dg.AutomationCondition
 
 # A partition is rebuilt when it becomes missing (a new shard), when its code version
@@ -71,24 +59,18 @@ REBUILD_STALE = (
     & _AC.all_deps_blocking_checks_passed()
 ).with_label("rebuild_stale")
 
-# GPU time is money: the sensor ships stopped. Start it in the UI (Automation tab) or with
-# `dagster sensor start bft_rebuild_stale`.
-rebuild_stale_sensor = dg.AutomationConditionSensorDefinition(
-    AUTOMATION_SENSOR,
-    target=dg.AssetSelection.all(),
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    minimum_interval_seconds=60,
-    description="Rebuilds missing and stale partitions (prompt, sampling or model changed, "
-    "upstream rebuilt) once upstream checks pass. Stopped by default: it spends GPU time.",
-)
 
-
-def gpu_step(gpus: int) -> dict:
-    """Decorator arguments of every partitioned asset that loads a model: the gpu pool, one
-    partition per backfill run, rebuilds when stale, and the step's GPU request."""
-    return {
-        "pool": GPU_POOL,
-        "backfill_policy": ONE_PARTITION_PER_RUN,
-        "automation_condition": REBUILD_STALE,
-        "op_tags": gpu_op_tags(gpus),
-    }
+def rebuild_stale_sensor(
+    name: str, selection: dg.AssetSelection
+) -> dg.AutomationConditionSensorDefinition:
+    """The sensor that evaluates REBUILD_STALE over one instance's assets, and no one else's.
+    GPU time is money: it ships stopped. Start it in the UI (Automation tab) or with
+    `dagster sensor start NAME`."""
+    return dg.AutomationConditionSensorDefinition(
+        name,
+        target=selection,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=60,
+        description="Rebuilds missing and stale partitions (prompt, sampling or model changed, "
+        "upstream rebuilt) once upstream checks pass. Stopped by default: it spends GPU time.",
+    )

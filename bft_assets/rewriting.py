@@ -6,33 +6,26 @@ and its distilled answer where made, so each recipe is a selection from it later
 """
 
 import re
-from typing import Literal
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
 from bft_assets.checks import accounting_check, rate_floor_check
 from bft_assets.generation import (
-    SamplingConfig,
     generate_column,
     generation_stage,
     generations_frame,
     length_metadata,
     safe,
+    sampling_of,
     work_for,
     work_metadata,
 )
+from bft_assets.instance import REWRITTEN_DATASET, SCORED_POOL, BftInstance
 from bft_assets.prompts import DISTILL, REWRITE, llama2_inst
 from bft_assets.reporting import counts_table, sample_rows, table_metadata
-from bft_assets.scoring import SCORED_POOL, scored_pool
-from bft_resources.engine import InferenceEngine
-from bft_resources.models import ModelResource
 from bft_resources.quality import Rule, run_rules
-from bft_resources.storage import Storage
 
-REWRITTEN_DATASET = "rewritten_dataset"
-REWRITE_SAMPLING = SamplingConfig(max_new_tokens=1024).sampling()
 RES_OPEN, RES_CLOSE = "[RES]", "[/RES]"
 
 OK = "ok"
@@ -79,24 +72,14 @@ def extract_rewrite(
     return text, OK
 
 
-class RewriteConfig(SamplingConfig):
-    max_new_tokens: int = Field(
-        default=1024, description="Most tokens of a rewrite or a distilled answer."
-    )
-    rewrite: Literal["passed", "all"] = Field(
-        default="passed",
-        description="Rewrite the pairs that passed the filter, or all (the rewriting recipe).",
-    )
-    distill: bool = Field(
-        default=True, description="Also answer passed instructions directly (filtering_distilling)."
-    )
-    force_format: bool = Field(
-        default=False,
-        description="Open the reply with [RES] and stop at [/RES] instead of hoping for the markers.",
-    )
-    min_extraction_rate: float = Field(
-        default=0.5, description="Share of rewrites extracted under which a WARN check fails."
-    )
+def selection(wanted: tuple[bool, int | None]) -> pl.Expr:
+    """The usable pairs a stage must process for the declared recipes: none, those scored at
+    least the lowest threshold a recipe accepts, or all (a recipe without a threshold)."""
+    needed, floor = wanted
+    usable = pl.col("instruction_flag").is_null()
+    if not needed:
+        return pl.lit(False)
+    return usable if floor is None else usable & (pl.col("score").fill_null(0) >= floor)
 
 
 REWRITTEN_COLUMNS = {
@@ -107,128 +90,129 @@ REWRITTEN_COLUMNS = {
 }
 
 
-@dg.asset(
-    **generation_stage(
-        f"{REWRITE.version},{DISTILL.version}", REWRITE_SAMPLING, "BFT_REWRITER_MODEL"
-    ),
-    deps=[scored_pool],
-    check_specs=[rule.spec(REWRITTEN_DATASET) for rule in REWRITE_RULES]
-    + [
-        dg.AssetCheckSpec(
-            CHECK_EXTRACTION,
-            asset=REWRITTEN_DATASET,
-            description="Share of selected pairs whose rewrite was extracted (WARN).",
-        ),
-        dg.AssetCheckSpec(
-            CHECK_ACCOUNTED,
-            asset=REWRITTEN_DATASET,
-            blocking=True,
-            description="Every scored pair is in the table, with a rewrite status.",
-        ),
-    ],
-)
-def rewritten_dataset(
-    context: dg.AssetExecutionContext,
-    config: RewriteConfig,
-    engine: InferenceEngine,
-    rewriter_model: ModelResource,
-    storage: Storage,
-) -> dg.MaterializeResult:
-    """Every scored pair with the aligned chat model's rewrite of its response (step 3) and,
-    for passed pairs, a distilled answer: the table each recipe selects its training data from."""
-    shard = context.partition_key
-    pairs = storage.read(SCORED_POOL, shard).with_columns(row_id=pl.col("doc_id"))
-    usable = pl.col("instruction_flag").is_null()
-    selected = pairs.filter(
-        usable & (pl.col("passed") if config.rewrite == "passed" else pl.lit(True))
-    )
-    to_distill = pairs.filter(usable & pl.col("passed")) if config.distill else pairs.head(0)
-    prefix = RES_OPEN if config.force_format else ""
-    rewrite_sampling = config.sampling(stop=(RES_CLOSE,) if config.force_format else ())
-    distill_sampling = config.sampling()
-    settings = f"{config.force_format};{rewrite_sampling};{rewriter_model.reference}"
-    rewrite_work = work_for(storage, context, f"{REWRITTEN_DATASET}.rewrite", settings)
-    distill_work = work_for(storage, context, f"{REWRITTEN_DATASET}.distill", settings)
-    with engine.load(rewriter_model.model, fallback=llama2_inst) as model:
-        clean = safe(model)
+def build_rewritten_dataset(inst: BftInstance) -> dg.AssetsDefinition:
+    key = inst.key(REWRITTEN_DATASET)
+    table = inst.table(REWRITTEN_DATASET)
+    settings = inst.generation.rewriting
+    prefix = RES_OPEN if settings.force_format else ""
+    rewrite_sampling = sampling_of(settings, stop=(RES_CLOSE,) if settings.force_format else ())
+    distill_sampling = sampling_of(settings)
+    # What the recipes ask for decides which pairs are rewritten and distilled.
+    needs = {"rewrite": inst.rewrite_floor, "distill": inst.distill_floor}
 
-        def rewrite(batch: pl.DataFrame) -> pl.DataFrame:
-            messages = [
-                REWRITE.render(response=clean(r), instruction=clean(i))
-                for r, i in zip(batch["response"], batch["instruction"], strict=True)
-            ]
-            return generations_frame(
-                batch, generate_column(model, messages, rewrite_sampling, prefix), "rewrite_reply"
-            )
-
-        def distill(batch: pl.DataFrame) -> pl.DataFrame:
-            messages = [DISTILL.render(instruction=clean(i)) for i in batch["instruction"]]
-            return generations_frame(
-                batch, generate_column(model, messages, distill_sampling), "distilled"
-            )
-
-        rewrites, rewrite_stats = rewrite_work.run(
-            selected, rewrite, config.batch_rows, context.log.info, "rewrites"
-        )
-        distilled, distill_stats = distill_work.run(
-            to_distill, distill, config.batch_rows, context.log.info, "answers"
-        )
-
-    extracted = [
-        extract_rewrite(reply, config.force_format, finish)
-        for reply, finish in zip(
-            rewrites["rewrite_reply"], rewrites["rewrite_reply_finish"], strict=True
-        )
-    ]
-    rewrites = rewrites.with_columns(
-        rewrite=pl.Series([e[0] for e in extracted], dtype=pl.String),
-        rewrite_status=pl.Series([e[1] for e in extracted], dtype=pl.String),
-    ).rename({"prompt_tokens": "rewrite_prompt_tokens", "completion_tokens": "rewrite_tokens"})
-    distilled = distilled.with_columns(pl.col("distilled").str.strip_chars()).select(
-        "row_id", "distilled"
-    )
-    table = (
-        pairs.join(rewrites, on="row_id", how="left")
-        .join(distilled, on="row_id", how="left")
-        .with_columns(
-            rewrite_status=pl.col("rewrite_status").fill_null(NOT_SELECTED),
-            rewriter=pl.lit(rewriter_model.reference),
-        )
-        .drop("row_id")
-    )
-    uri = storage.write(REWRITTEN_DATASET, table, partition=shard)
-    rewrite_work.clear()
-    distill_work.clear()
-    statuses = dict(table["rewrite_status"].value_counts().rows())
-    ok = statuses.get(OK, 0)
-    work = work_metadata(rewrite_stats, pairs.height, table.height)
-    distill_meta = work_metadata(distill_stats, to_distill.height, distilled.height)
-    return dg.MaterializeResult(
-        metadata={
-            "rows": table.height,
-            **table_metadata(table, REWRITTEN_COLUMNS),
-            **work,
-            "selected_for_rewrite": selected.height,
-            "rewrites_extracted": ok,
-            "extraction_rate": ok / selected.height if selected.height else 0.0,
-            **{f"rewrite_{s}": statuses.get(s, 0) for s in REWRITE_STATUSES},
-            "rewrite_statuses": counts_table(statuses, "status"),
-            "distilled": distilled.height,
-            "distill_tokens_out": distill_meta["tokens_out"],
-            "distill_wall_seconds": distill_meta["wall_seconds"],
-            **length_metadata(table.filter(pl.col("rewrite").is_not_null()), "rewrite"),
-            "sample": sample_rows(
-                table.filter(pl.col("rewrite_status") != NOT_SELECTED),
-                ["instruction", "response", "score", "rewrite"],
-                width=120,
-            ),
-            "path": dg.MetadataValue.path(uri),
-            "model": rewriter_model.reference,
-            "prompt_version": REWRITE.version,
-        },
-        check_results=[
-            *run_rules(table, REWRITE_RULES),
-            rate_floor_check(CHECK_EXTRACTION, ok, selected.height, config.min_extraction_rate),
-            accounting_check(CHECK_ACCOUNTED, pairs.height, table.height, {}),
+    @dg.asset(
+        **generation_stage(inst, REWRITTEN_DATASET, f"{REWRITE.version},{DISTILL.version}",
+                           [settings, needs], inst.models.rewriter.reference, {"rewriter_model"}),
+        deps=[inst.key(SCORED_POOL)],
+        check_specs=[rule.spec(key) for rule in REWRITE_RULES]
+        + [
+            dg.AssetCheckSpec(CHECK_EXTRACTION, asset=key,
+                              description="Share of selected pairs whose rewrite was extracted (WARN)."),
+            dg.AssetCheckSpec(CHECK_ACCOUNTED, asset=key, blocking=True,
+                              description="Every scored pair is in the table, with a rewrite status."),
         ],
-    )
+    )  # fmt: skip
+    def rewritten_dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Every scored pair with the aligned chat model's rewrite of its response (step 3)
+        and its direct (distilled) answer, each made for the pairs some declared recipe
+        trains on: the table each recipe selects its training data from."""
+        r = inst.bound(context)
+        storage, rewriter_model = r.storage, r.rewriter_model
+        shard = context.partition_key
+        pairs = storage.read(inst.table(SCORED_POOL), shard).with_columns(row_id=pl.col("doc_id"))
+        selected = pairs.filter(selection(needs["rewrite"]))
+        to_distill = pairs.filter(selection(needs["distill"]))
+        work_settings = f"{settings.force_format};{rewrite_sampling};{rewriter_model.reference}"
+        rewrite_work = work_for(storage, context, f"{table}.rewrite", work_settings)
+        distill_work = work_for(storage, context, f"{table}.distill", work_settings)
+        with r.engine.load(rewriter_model, fallback=llama2_inst) as model:
+            clean = safe(model)
+
+            def rewrite(batch: pl.DataFrame) -> pl.DataFrame:
+                messages = [
+                    REWRITE.render(response=clean(x), instruction=clean(i))
+                    for x, i in zip(batch["response"], batch["instruction"], strict=True)
+                ]
+                return generations_frame(
+                    batch,
+                    generate_column(model, messages, rewrite_sampling, prefix),
+                    "rewrite_reply",
+                )
+
+            def distill(batch: pl.DataFrame) -> pl.DataFrame:
+                messages = [DISTILL.render(instruction=clean(i)) for i in batch["instruction"]]
+                return generations_frame(
+                    batch, generate_column(model, messages, distill_sampling), "distilled"
+                )
+
+            rewrites, rewrite_stats = rewrite_work.run(
+                selected, rewrite, settings.batch_rows, context.log.info, "rewrites"
+            )
+            distilled, distill_stats = distill_work.run(
+                to_distill, distill, settings.batch_rows, context.log.info, "answers"
+            )
+
+        extracted = [
+            extract_rewrite(reply, settings.force_format, finish)
+            for reply, finish in zip(
+                rewrites["rewrite_reply"], rewrites["rewrite_reply_finish"], strict=True
+            )
+        ]
+        rewrites = rewrites.with_columns(
+            rewrite=pl.Series([e[0] for e in extracted], dtype=pl.String),
+            rewrite_status=pl.Series([e[1] for e in extracted], dtype=pl.String),
+        ).rename({"prompt_tokens": "rewrite_prompt_tokens", "completion_tokens": "rewrite_tokens"})
+        distilled = distilled.with_columns(pl.col("distilled").str.strip_chars()).select(
+            "row_id", "distilled"
+        )
+        table_out = (
+            pairs.join(rewrites, on="row_id", how="left")
+            .join(distilled, on="row_id", how="left")
+            .with_columns(
+                rewrite_status=pl.col("rewrite_status").fill_null(NOT_SELECTED),
+                rewriter=pl.lit(rewriter_model.reference),
+            )
+            .drop("row_id")
+        )
+        uri = storage.write(table, table_out, partition=shard)
+        rewrite_work.clear()
+        distill_work.clear()
+        statuses = dict(table_out["rewrite_status"].value_counts().rows())
+        ok = statuses.get(OK, 0)
+        work = work_metadata(rewrite_stats, pairs.height, table_out.height)
+        distill_meta = work_metadata(distill_stats, to_distill.height, distilled.height)
+        return dg.MaterializeResult(
+            metadata={
+                "rows": table_out.height,
+                **table_metadata(table_out, REWRITTEN_COLUMNS),
+                **work,
+                "selected_for_rewrite": selected.height,
+                "selected_for_distilling": to_distill.height,
+                "rewrites_extracted": ok,
+                "extraction_rate": ok / selected.height if selected.height else 0.0,
+                **{f"rewrite_{s}": statuses.get(s, 0) for s in REWRITE_STATUSES},
+                "rewrite_statuses": counts_table(statuses, "status"),
+                "distilled": distilled.height,
+                "distill_tokens_out": distill_meta["tokens_out"],
+                "distill_wall_seconds": distill_meta["wall_seconds"],
+                **length_metadata(table_out.filter(pl.col("rewrite").is_not_null()), "rewrite"),
+                "sample": sample_rows(
+                    table_out.filter(pl.col("rewrite_status") != NOT_SELECTED),
+                    ["instruction", "response", "score", "rewrite"],
+                    width=120,
+                ),
+                "path": dg.MetadataValue.path(uri),
+                "model": rewriter_model.reference,
+                "prompt_version": REWRITE.version,
+            },
+            check_results=[
+                *run_rules(table_out, REWRITE_RULES),
+                rate_floor_check(CHECK_EXTRACTION, ok, selected.height, settings.min_extraction_rate)
+                if needs["rewrite"][0]
+                else dg.AssetCheckResult(check_name=CHECK_EXTRACTION, passed=selected.height == 0,
+                                         metadata={"selected": selected.height, "reason": "no recipe trains on rewrites"}),
+                accounting_check(CHECK_ACCOUNTED, pairs.height, table_out.height, {}),
+            ],
+        )  # fmt: skip
+
+    return rewritten_dataset

@@ -9,37 +9,28 @@ token's distribution over 1..5, which always yields a score and costs one forwar
 import math
 import re
 from collections.abc import Mapping
-from typing import Literal
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
-from bft_assets.backtranslation import BACKTRANSLATED_POOL, backtranslated_pool
 from bft_assets.checks import accounting_check, rate_floor_check
 from bft_assets.generation import (
-    MODEL_SOURCE_HELP,
-    ModelSource,
-    SamplingConfig,
     generation_stage,
     generations_frame,
     safe,
+    sampling_of,
+    stage_model,
     work_for,
     work_metadata,
 )
+from bft_assets.instance import BACKTRANSLATED_POOL, SCORED_POOL, BftInstance
 from bft_assets.prompts import SCORE, llama2_inst
 from bft_assets.reporting import markdown_table, sample_rows, table_metadata
-from bft_assets.seed_model import seed_model, stage_model
-from bft_resources.engine import Chat, InferenceEngine
-from bft_resources.models import ModelResource
+from bft_resources.engine import Chat
 from bft_resources.quality import Rule, run_rules
-from bft_resources.storage import Storage
 
-SCORED_POOL = "scored_pool"
 SCORES = ("1", "2", "3", "4", "5")
-PAPER_THRESHOLD = 5
 SCORE_PREFIX = "Score:"
-SCORE_SAMPLING = SamplingConfig(max_new_tokens=512).sampling()
 
 NO_SCORE = "no_score"
 OUT_OF_RANGE = "out_of_range"
@@ -87,27 +78,6 @@ def score_from_logprobs(logprobs: Mapping[str, float]) -> tuple[int | None, floa
     return max(probs, key=probs.__getitem__), expected
 
 
-class ScoreConfig(SamplingConfig):
-    model_source: ModelSource = Field(default="seed_model", description=MODEL_SOURCE_HELP)
-    mode: Literal["generate", "logprobs"] = Field(
-        default="generate",
-        description="generate: sample reasoning, parse 'Score: N' (paper). logprobs: read P(1..5).",
-    )
-    threshold: int = Field(
-        default=PAPER_THRESHOLD,
-        description="Pairs with score >= threshold pass (paper 5; Humpback A4: 4).",
-    )
-    max_new_tokens: int = Field(
-        default=512, description="generate mode: most tokens of the reasoning."
-    )
-    min_valid_rate: float = Field(
-        default=0.8, description="Valid-score rate under which a WARN check fails (paper: 88%)."
-    )
-    hard_min_valid_rate: float = Field(
-        default=0.5, description="Valid-score rate under which an ERROR check fails."
-    )
-
-
 def _score_chats(batch: pl.DataFrame, clean, prefix: str) -> list[Chat]:
     return [
         Chat(SCORE.render(generated_instruction=clean(i), output=clean(r)), assistant_prefix=prefix)
@@ -125,141 +95,120 @@ SCORED_COLUMNS = {
     "score_reason": "Why there is no score (no_score, out_of_range, instruction_flagged)",
     "score_reply": "The judge reply (generate) or P(1..5) (logprobs)",
     "expected_score": "Mean score under P(1..5) (logprobs mode)",
-    "passed": "score >= threshold",
 }
 
 
-@dg.asset(
-    **generation_stage(SCORE.version, SCORE_SAMPLING, "BFT_FORWARD_MODEL"),
-    deps=[
-        backtranslated_pool,
-        dg.AssetDep(
-            seed_model, partition_mapping=dg.SpecificPartitionsPartitionMapping(["forward"])
-        ),
-    ],
-    check_specs=[rule.spec(SCORED_POOL) for rule in SCORE_RULES]
-    + [
-        dg.AssetCheckSpec(
-            CHECK_VALID_WARN,
-            asset=SCORED_POOL,
-            description="Valid-score rate above min_valid_rate (WARN).",
-        ),
-        dg.AssetCheckSpec(
-            CHECK_VALID_ERROR,
-            asset=SCORED_POOL,
-            blocking=True,
-            description="Valid-score rate above hard_min_valid_rate (ERROR).",
-        ),
-        dg.AssetCheckSpec(
-            CHECK_ACCOUNTED,
-            asset=SCORED_POOL,
-            blocking=True,
-            description="Every pool row is scored or carries the reason it is not.",
-        ),
-    ],
-)
-def scored_pool(
-    context: dg.AssetExecutionContext,
-    config: ScoreConfig,
-    engine: InferenceEngine,
-    forward_model: ModelResource,
-    storage: Storage,
-) -> dg.MaterializeResult:
-    """Backtranslated pairs with the forward model's 1-5 quality score (step 2) and whether
-    they pass the threshold. A reply with no valid score keeps its row, a null score and the
-    reason."""
-    shard = context.partition_key
-    pool = storage.read(BACKTRANSLATED_POOL, shard).with_columns(row_id=pl.col("doc_id"))
-    to_score = pool.filter(pl.col("instruction_flag").is_null())
-    sampling = config.sampling()
-    model_ref = stage_model(config.model_source, storage, "forward", forward_model)
-    work = work_for(storage, context, SCORED_POOL, f"{config.mode};{sampling};{model_ref}")
-    with engine.load(model_ref, fallback=llama2_inst) as model:
-        clean = safe(model)
+def build_scored_pool(inst: BftInstance) -> dg.AssetsDefinition:
+    key = inst.key(SCORED_POOL)
+    table = inst.table(SCORED_POOL)
+    settings = inst.generation.scoring
+    sampling = sampling_of(settings)
+    model_reference = inst.stage_model_reference("forward")
 
-        def score_by_generation(batch: pl.DataFrame) -> pl.DataFrame:
-            replies = model.generate(_score_chats(batch, clean, ""), sampling)
-            out = generations_frame(batch, replies, "score_reply")
-            parsed = [parse_score(text) for text in out["score_reply"]]
-            return out.with_columns(
-                score=pl.Series([p[0] for p in parsed], dtype=pl.Int64),
-                score_reason=pl.Series([p[1] for p in parsed], dtype=pl.String),
-                expected_score=pl.lit(None, dtype=pl.Float64),
+    @dg.asset(
+        **generation_stage(inst, SCORED_POOL, SCORE.version, settings, model_reference,
+                           {"forward_model", "seed_model_storage"}),
+        deps=[inst.key(BACKTRANSLATED_POOL), *inst.stage_deps("forward")],
+        check_specs=[rule.spec(key) for rule in SCORE_RULES]
+        + [
+            dg.AssetCheckSpec(CHECK_VALID_WARN, asset=key, description="Valid-score rate above min_valid_rate (WARN)."),
+            dg.AssetCheckSpec(CHECK_VALID_ERROR, asset=key, blocking=True,
+                              description="Valid-score rate above hard_min_valid_rate (ERROR)."),
+            dg.AssetCheckSpec(CHECK_ACCOUNTED, asset=key, blocking=True,
+                              description="Every pool row is scored or carries the reason it is not."),
+        ],
+    )  # fmt: skip
+    def scored_pool(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Backtranslated pairs with the forward model's 1-5 quality score (step 2). A reply
+        with no valid score keeps its row, a null score and the reason. Scores are stored
+        once: each recipe applies its own threshold where it selects."""
+        r = inst.bound(context)
+        storage = r.storage
+        shard = context.partition_key
+        pool = storage.read(inst.table(BACKTRANSLATED_POOL), shard).with_columns(
+            row_id=pl.col("doc_id")
+        )
+        to_score = pool.filter(pl.col("instruction_flag").is_null())
+        model_ref = stage_model(inst, "forward", r.forward_model, r.seed_model_storage or storage)
+        work = work_for(
+            storage, context, table, f"{settings.mode};{sampling};{model_ref.reference}"
+        )
+        with r.engine.load(model_ref, fallback=llama2_inst) as model:
+            clean = safe(model)
+
+            def score_by_generation(batch: pl.DataFrame) -> pl.DataFrame:
+                replies = model.generate(_score_chats(batch, clean, ""), sampling)
+                out = generations_frame(batch, replies, "score_reply")
+                parsed = [parse_score(text) for text in out["score_reply"]]
+                return out.with_columns(
+                    score=pl.Series([p[0] for p in parsed], dtype=pl.Int64),
+                    score_reason=pl.Series([p[1] for p in parsed], dtype=pl.String),
+                    expected_score=pl.lit(None, dtype=pl.Float64),
+                )
+
+            def score_by_logprobs(batch: pl.DataFrame) -> pl.DataFrame:
+                logprobs = model.option_logprobs(
+                    _score_chats(batch, clean, SCORE_PREFIX + " "), SCORES
+                )
+                scored = [score_from_logprobs(lp) for lp in logprobs]
+                return pl.DataFrame({
+                    "row_id": batch["row_id"],
+                    "score_reply": [str({k: round(v, 4) for k, v in lp.items()}) for lp in logprobs],
+                    "score": pl.Series([s[0] for s in scored], dtype=pl.Int64),
+                    "score_reason": pl.Series([None if s[0] else NO_SCORE for s in scored], dtype=pl.String),
+                    "expected_score": pl.Series([s[1] for s in scored], dtype=pl.Float64),
+                    "prompt_tokens": pl.Series([0] * batch.height, dtype=pl.Int64),
+                    "completion_tokens": pl.Series([0] * batch.height, dtype=pl.Int64),
+                })  # fmt: skip
+
+            process = score_by_generation if settings.mode == "generate" else score_by_logprobs
+            scored, stats = work.run(
+                to_score, process, settings.batch_rows, context.log.info, "pairs"
             )
 
-        def score_by_logprobs(batch: pl.DataFrame) -> pl.DataFrame:
-            logprobs = model.option_logprobs(_score_chats(batch, clean, SCORE_PREFIX + " "), SCORES)
-            scored = [score_from_logprobs(lp) for lp in logprobs]
-            return pl.DataFrame({
-                "row_id": batch["row_id"],
-                "score_reply": [str({k: round(v, 4) for k, v in lp.items()}) for lp in logprobs],
-                "score": pl.Series([s[0] for s in scored], dtype=pl.Int64),
-                "score_reason": pl.Series([None if s[0] else NO_SCORE for s in scored], dtype=pl.String),
-                "expected_score": pl.Series([s[1] for s in scored], dtype=pl.Float64),
-                "prompt_tokens": pl.Series([0] * batch.height, dtype=pl.Int64),
-                "completion_tokens": pl.Series([0] * batch.height, dtype=pl.Int64),
-            })  # fmt: skip
-
-        process = score_by_generation if config.mode == "generate" else score_by_logprobs
-        scored, stats = work.run(to_score, process, config.batch_rows, context.log.info, "pairs")
-
-    table = (
-        pool.join(scored.drop("prompt_tokens", "completion_tokens"), on="row_id", how="left")
-        .with_columns(
-            score_reason=pl.when(pl.col("instruction_flag").is_not_null())
-            .then(pl.lit(NOT_SCORED_FLAGGED))
-            .otherwise(pl.col("score_reason")),
-            score_mode=pl.lit(config.mode),
-            scorer=pl.lit(model_ref),
-            threshold=pl.lit(config.threshold),
+        table_out = (
+            pool.join(scored.drop("prompt_tokens", "completion_tokens"), on="row_id", how="left")
+            .with_columns(
+                score_reason=pl.when(pl.col("instruction_flag").is_not_null())
+                .then(pl.lit(NOT_SCORED_FLAGGED))
+                .otherwise(pl.col("score_reason")),
+                score_mode=pl.lit(settings.mode),
+                scorer=pl.lit(model_ref.reference),
+            )
+            .drop("row_id")
         )
-        .with_columns(passed=pl.col("score").fill_null(0) >= config.threshold)
-        .drop("row_id")
-    )
-    uri = storage.write(SCORED_POOL, table, partition=shard)
-    work.clear()
-    valid = table["score"].is_not_null().sum()
-    passed = int(table["passed"].sum())
-    unaccounted = table.filter(pl.col("score").is_null() & pl.col("score_reason").is_null()).height
-    histogram = _histogram(table["score"])
-    return dg.MaterializeResult(
-        metadata={
-            "rows": table.height,
-            **table_metadata(table, SCORED_COLUMNS),
-            **work_metadata(stats, pool.height, table.height),
-            "scored": to_score.height,
-            "valid_scores": int(valid),
-            "valid_rate": valid / to_score.height if to_score.height else 0.0,
-            "passed": passed,
-            "pass_rate": passed / table.height if table.height else 0.0,
-            **{f"score_{s}": n for s, n in histogram.items()},
-            "score_histogram": markdown_table(
-                [{"score": s, "pairs": n} for s, n in histogram.items()]
-            ),
-            "mean_expected_score": float(table["expected_score"].mean() or 0.0),
-            "threshold": config.threshold,
-            "mode": config.mode,
-            "sample": sample_rows(table, ["instruction", "response", "score", "score_reason"]),
-            "path": dg.MetadataValue.path(uri),
-            "model": model_ref,
-            "model_source": config.model_source,
-            "prompt_version": SCORE.version,
-        },
-        check_results=[
-            *run_rules(table, SCORE_RULES),
-            rate_floor_check(CHECK_VALID_WARN, int(valid), to_score.height, config.min_valid_rate),
-            rate_floor_check(
-                CHECK_VALID_ERROR,
-                int(valid),
-                to_score.height,
-                config.hard_min_valid_rate,
-                severity=dg.AssetCheckSeverity.ERROR,
-            ),
-            accounting_check(
-                CHECK_ACCOUNTED,
-                pool.height,
-                int(valid),
-                {"no_valid_score": table.height - int(valid) - unaccounted},
-            ),
-        ],
-    )
+        uri = storage.write(table, table_out, partition=shard)
+        work.clear()
+        valid = int(table_out["score"].is_not_null().sum())
+        unaccounted = table_out.filter(
+            pl.col("score").is_null() & pl.col("score_reason").is_null()
+        ).height
+        histogram = _histogram(table_out["score"])
+        return dg.MaterializeResult(
+            metadata={
+                "rows": table_out.height,
+                **table_metadata(table_out, SCORED_COLUMNS),
+                **work_metadata(stats, pool.height, table_out.height),
+                "scored": to_score.height,
+                "valid_scores": valid,
+                "valid_rate": valid / to_score.height if to_score.height else 0.0,
+                **{f"score_{s}": n for s, n in histogram.items()},
+                "score_histogram": markdown_table([{"score": s, "pairs": n} for s, n in histogram.items()]),
+                "mean_expected_score": float(table_out["expected_score"].mean() or 0.0),
+                "mode": settings.mode,
+                "sample": sample_rows(table_out, ["instruction", "response", "score", "score_reason"]),
+                "path": dg.MetadataValue.path(uri),
+                "model": model_ref.reference,
+                "prompt_version": SCORE.version,
+            },
+            check_results=[
+                *run_rules(table_out, SCORE_RULES),
+                rate_floor_check(CHECK_VALID_WARN, valid, to_score.height, settings.min_valid_rate),
+                rate_floor_check(CHECK_VALID_ERROR, valid, to_score.height, settings.hard_min_valid_rate,
+                                 severity=dg.AssetCheckSeverity.ERROR),
+                accounting_check(CHECK_ACCOUNTED, pool.height, valid,
+                                 {"no_valid_score": table_out.height - valid - unaccounted}),
+            ],
+        )  # fmt: skip
+
+    return scored_pool

@@ -12,17 +12,12 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
 from bft_assets.checks import accounting_check
-from bft_assets.policies import REBUILD_STALE
+from bft_assets.instance import SEED_EXAMPLES, BftInstance, digest
 from bft_assets.reporting import counts_table, percentile_metadata, sample_rows, table_metadata
 from bft_resources.quality import Rule, run_rules
-from bft_resources.seed_source import SeedSource
-from bft_resources.storage import Storage, table_name
-
-SEED_EXAMPLES = "seed_examples"
-PAPER_SEED_SIZE = 3200
+from bft_resources.storage import table_name
 
 BAD_JSON = "bad_json"
 NOT_A_PAIR = "not_a_pair"
@@ -154,12 +149,6 @@ def select_seed_pairs(
     return pairs, rejects, read
 
 
-class SeedConfig(dg.Config):
-    max_examples: int = Field(
-        default=PAPER_SEED_SIZE, description="Cap on seed pairs (3,200 in the paper)."
-    )
-
-
 SEED_COLUMNS = {
     "id": "oasst message_tree_id, or a hash of the pair for flat files",
     "instruction": "The prompter's first message",
@@ -169,57 +158,61 @@ SEED_COLUMNS = {
 }
 
 
-@dg.asset(
-    group_name="seed",
-    kinds={"polars"},
-    code_version="seed-v1",
-    automation_condition=REBUILD_STALE,
-    check_specs=[rule.spec(SEED_EXAMPLES) for rule in SEED_RULES]
-    + [
-        dg.AssetCheckSpec(
-            CHECK_ACCOUNTED,
-            asset=SEED_EXAMPLES,
-            blocking=True,
-            description="Records read == pairs kept + records dropped with a reason.",
-        )
-    ],
-)
-def seed_examples(
-    context: dg.AssetExecutionContext, config: SeedConfig, storage: Storage, seed_source: SeedSource
-) -> dg.MaterializeResult:
-    """First-turn English instruction/response pairs (rank-0 replies) from OpenAssistant
-    message trees or flat pairs: the seed the backward and forward models learn from."""
-    pairs, rejects, read = select_seed_pairs(seed_source.records(), config.max_examples)
-    uri = storage.write(SEED_EXAMPLES, pairs)
-    storage.write(SEED_EXAMPLES, rejects, suffix="rejects")
-    drops = rejects["reason"].value_counts().rows() if rejects.height else []
-    drops_by_reason = dict.fromkeys(SEED_DROP_REASONS, 0) | dict(drops)
-    context.log.info(
-        f"seed: {pairs.height} pairs kept of {read} records read from {seed_source.uri}"
-    )
-    lengths = pairs.select(
-        pl.col("instruction").str.len_chars().alias("instruction_chars"),
-        pl.col("response").str.len_chars().alias("response_chars"),
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "rows": pairs.height,
-            **table_metadata(pairs, SEED_COLUMNS),
-            "records_read": read,
-            "records_dropped": rejects.height,
-            **{f"dropped_{k}": v for k, v in drops_by_reason.items()},
-            "drops": counts_table(drops_by_reason),
-            **percentile_metadata("instruction_chars", lengths["instruction_chars"]),
-            **percentile_metadata("response_chars", lengths["response_chars"]),
-            "sample": sample_rows(pairs, ["id", "instruction", "response"]),
-            "path": dg.MetadataValue.path(uri),
-            "rejects_path": dg.MetadataValue.path(
-                storage.uri(table_name(SEED_EXAMPLES, suffix="rejects"))
-            ),
-            "seed_uri": seed_source.uri,
-        },
-        check_results=[
-            *run_rules(pairs, SEED_RULES),
-            accounting_check(CHECK_ACCOUNTED, read, pairs.height, drops_by_reason),
+def build_seed_examples(inst: BftInstance) -> dg.AssetsDefinition:
+    key = inst.key(SEED_EXAMPLES)
+    table = inst.table(SEED_EXAMPLES)
+
+    @dg.asset(
+        **inst.asset_args(SEED_EXAMPLES, {"polars"}, {"storage", "seed_source"}),
+        group_name="seed",
+        code_version=f"seed-v1;{digest(inst.seed)}",
+        check_specs=[rule.spec(key) for rule in SEED_RULES]
+        + [
+            dg.AssetCheckSpec(
+                CHECK_ACCOUNTED,
+                asset=key,
+                blocking=True,
+                description="Records read == pairs kept + records dropped with a reason.",
+            )
         ],
     )
+    def seed_examples(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """First-turn English instruction/response pairs (rank-0 replies) from OpenAssistant
+        message trees or flat pairs: the seed the backward and forward models learn from."""
+        r = inst.bound(context)
+        pairs, rejects, read = select_seed_pairs(r.seed_source.records(), inst.seed.max_examples)
+        uri = r.storage.write(table, pairs)
+        r.storage.write(table, rejects, suffix="rejects")
+        drops = rejects["reason"].value_counts().rows() if rejects.height else []
+        drops_by_reason = dict.fromkeys(SEED_DROP_REASONS, 0) | dict(drops)
+        context.log.info(
+            f"seed: {pairs.height} pairs kept of {read} records read from {r.seed_source.uri}"
+        )
+        lengths = pairs.select(
+            pl.col("instruction").str.len_chars().alias("instruction_chars"),
+            pl.col("response").str.len_chars().alias("response_chars"),
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "rows": pairs.height,
+                **table_metadata(pairs, SEED_COLUMNS),
+                "records_read": read,
+                "records_dropped": rejects.height,
+                **{f"dropped_{k}": v for k, v in drops_by_reason.items()},
+                "drops": counts_table(drops_by_reason),
+                **percentile_metadata("instruction_chars", lengths["instruction_chars"]),
+                **percentile_metadata("response_chars", lengths["response_chars"]),
+                "sample": sample_rows(pairs, ["id", "instruction", "response"]),
+                "path": dg.MetadataValue.path(uri),
+                "rejects_path": dg.MetadataValue.path(
+                    r.storage.uri(table_name(table, suffix="rejects"))
+                ),
+                "seed_uri": r.seed_source.uri,
+            },
+            check_results=[
+                *run_rules(pairs, SEED_RULES),
+                accounting_check(CHECK_ACCOUNTED, read, pairs.height, drops_by_reason),
+            ],
+        )
+
+    return seed_examples

@@ -1,35 +1,29 @@
-"""finetuned_checkpoint[recipe]: the base model fine-tuned on seed pairs plus one recipe's
-generated pairs, each source tagged as METHOD.md (step 4) says; and the recipes themselves:
-which generated pairs each selects from rewritten_dataset (BFT Table 1)."""
+"""finetuned_checkpoint[recipe]: the base model fine-tuned on seed pairs plus one declared
+recipe's generated pairs, each source tagged as METHOD.md (step 4) says; and how a recipe
+selects its generated pairs from rewritten_dataset."""
 
 import hashlib
 import json
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
-from bft_assets.partitions import CORPUS_SHARDS, RECIPES, recipes
-from bft_assets.policies import gpu_step, training_gpus
+from bft_assets.instance import (
+    FINETUNED_CHECKPOINT,
+    REWRITTEN_DATASET,
+    SEED_EXAMPLES,
+    BftInstance,
+    digest,
+)
 from bft_assets.prompts import SEED_TAG, WEB_TAG, llama2_inst
 from bft_assets.reporting import sample_rows, table_metadata
-from bft_assets.rewriting import OK, REWRITTEN_DATASET, rewritten_dataset
-from bft_assets.seed import SEED_EXAMPLES, seed_examples
-from bft_assets.settings import resolved
-from bft_assets.tuning import (
-    TRAINING_VERSION,
-    TrainingConfig,
-    loss_check,
-    probe_check,
-    training_metadata,
-)
-from bft_resources.engine import InferenceEngine
-from bft_resources.models import ModelResource
+from bft_assets.rewriting import OK
+from bft_assets.specs import RecipeSpec
+from bft_assets.tuning import loss_check, probe_check, training_metadata, training_version
 from bft_resources.quality import Rule, run_rules
 from bft_resources.storage import Storage
-from bft_resources.trainer import Trainer, TrainingExample
+from bft_resources.trainer import TrainingExample
 
-FINETUNED_CHECKPOINT = "finetuned_checkpoint"
 TAG_SEPARATOR = "\n"
 
 CHECK_FT_LOSS = "finetuned_checkpoint_loss_decreased"
@@ -63,42 +57,35 @@ def _stable_order(frame: pl.DataFrame, key: str, seed: int) -> pl.DataFrame:
     )
 
 
-def generated_pairs(rewritten: pl.DataFrame, recipe: str) -> pl.DataFrame:
-    """The generated (instruction, response) pairs a recipe selects (BFT Table 1)."""
-    usable = rewritten.filter(pl.col("instruction_flag").is_null())
-    passed = usable.filter(pl.col("passed"))
-    rewritten_ok = pl.col("rewrite_status") == OK
-    if recipe == "seed_only":
-        chosen = usable.head(0).with_columns(answer=pl.col("response"))
-    elif recipe == "filtering":
-        chosen = passed.with_columns(answer=pl.col("response"))
-    elif recipe == "rewriting":
-        chosen = usable.filter(rewritten_ok).with_columns(answer=pl.col("rewrite"))
-    elif recipe == "filtering_rewriting":
-        chosen = passed.filter(rewritten_ok).with_columns(answer=pl.col("rewrite"))
-    elif recipe == "filtering_distilling":
-        chosen = passed.filter(
-            pl.col("distilled").str.strip_chars().str.len_chars() > 0
-        ).with_columns(answer=pl.col("distilled"))
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}; one of {RECIPES}")
+_ANSWERS = {"web": "response", "rewrite": "rewrite", "distilled": "distilled"}
+
+
+def generated_pairs(rewritten: pl.DataFrame, recipe: RecipeSpec) -> pl.DataFrame:
+    """The generated (instruction, response) pairs a recipe selects: usable pairs scored at
+    least its ``min_score`` (when it has one), answered by the responses it names."""
+    chosen = rewritten.filter(pl.col("instruction_flag").is_null())
+    if recipe.min_score is not None:
+        chosen = chosen.filter(pl.col("score").fill_null(0) >= recipe.min_score)
+    if recipe.responses == "none":
+        chosen = chosen.head(0)
+    elif recipe.responses == "rewrite":
+        chosen = chosen.filter(pl.col("rewrite_status") == OK)
+    elif recipe.responses == "distilled":
+        chosen = chosen.filter(pl.col("distilled").str.strip_chars().str.len_chars() > 0)
+    answer = _ANSWERS.get(recipe.responses, "response")
     return chosen.select(
-        pl.col("doc_id").alias("id"), "instruction", pl.col("answer").alias("response")
+        pl.col("doc_id").alias("id"), "instruction", pl.col(answer).alias("response")
     )
 
 
 def assemble_training_set(
-    seed: pl.DataFrame,
-    rewritten: pl.DataFrame,
-    recipe: str,
-    generated_size: int | None,
-    sample_seed: int,
+    seed: pl.DataFrame, rewritten: pl.DataFrame, recipe: RecipeSpec
 ) -> pl.DataFrame:
     """Seed pairs plus the recipe's generated pairs (a deterministic sample of
     ``generated_size`` when set), tagged by source."""
-    generated = _stable_order(generated_pairs(rewritten, recipe), "id", sample_seed)
-    if generated_size is not None:
-        generated = generated.head(generated_size)
+    generated = _stable_order(generated_pairs(rewritten, recipe), "id", recipe.sample_seed)
+    if recipe.generated_size is not None:
+        generated = generated.head(recipe.generated_size)
     seed_rows = seed.select("id", "instruction", "response").with_columns(
         source=pl.lit("seed"),
         prompt=pl.col("instruction").map_elements(
@@ -113,7 +100,7 @@ def assemble_training_set(
     )
     columns = ["id", "source", "instruction", "prompt", "response"]
     return pl.concat([seed_rows.select(columns), web_rows.select(columns)]).with_columns(
-        recipe=pl.lit(recipe)
+        recipe=pl.lit(recipe.name)
     )
 
 
@@ -126,27 +113,17 @@ def chat_jsonl(training_set: pl.DataFrame) -> str:
     )  # fmt: skip
 
 
-class FinetuneConfig(TrainingConfig):
-    generated_size: int | None = Field(
-        default=None, description="Generated pairs per recipe (paper: 3.2K..51.2K); all when unset."
-    )
-    sample_seed: int = Field(
-        default=0, description="Seed of the deterministic sample of generated pairs."
-    )
-
-
-def _rewritten_shards(
-    context: dg.AssetExecutionContext, storage: Storage
+def rewritten_shards(
+    inst: BftInstance, context: dg.AssetExecutionContext, storage: Storage
 ) -> tuple[pl.DataFrame, list[str], list[str]]:
     """All materialized shards of rewritten_dataset, with the shard names read and missing."""
-    shards = context.instance.get_dynamic_partitions(CORPUS_SHARDS)
-    present = [s for s in shards if storage.exists(REWRITTEN_DATASET, s)]
+    shards = context.instance.get_dynamic_partitions(inst.shards.name)
+    table = inst.table(REWRITTEN_DATASET)
+    present = [s for s in shards if storage.exists(table, s)]
     missing = sorted(set(shards) - set(present))
     if not present:
-        raise FileNotFoundError(
-            f"no shard of {REWRITTEN_DATASET} is materialized (shards: {shards})"
-        )
-    frames = [storage.read(REWRITTEN_DATASET, s) for s in present]
+        raise FileNotFoundError(f"no shard of {table} is materialized (shards: {shards})")
+    frames = [storage.read(table, s) for s in present]
     return pl.concat(frames, how="diagonal_relaxed"), present, missing
 
 
@@ -157,87 +134,93 @@ TRAINING_SET_COLUMNS = {
 }
 
 
-@dg.asset(
-    partitions_def=recipes,
-    deps=[seed_examples, dg.AssetDep(rewritten_dataset, partition_mapping=dg.AllPartitionMapping())],
-    group_name="training",
-    kinds={"transformers", "polars"},
-    **gpu_step(training_gpus()),
-    code_version=f"{TRAINING_VERSION};tags={SEED_TAG}|{WEB_TAG};base={resolved('BFT_BASE_MODEL')}",
-    check_specs=[rule.spec(FINETUNED_CHECKPOINT) for rule in TRAINING_SET_RULES]
-    + [
-        dg.AssetCheckSpec(CHECK_FT_LOSS, asset=FINETUNED_CHECKPOINT, blocking=True,
-                          description="Training loss is finite and lower at the end than at the start."),
-        dg.AssetCheckSpec(CHECK_FT_LOADS, asset=FINETUNED_CHECKPOINT, blocking=True,
-                          description="The saved checkpoint loads back and answers a fixed prompt."),
-        dg.AssetCheckSpec(CHECK_FT_SIZE, asset=FINETUNED_CHECKPOINT,
-                          description="With generated_size set, the recipe has exactly that many generated pairs."),
-    ],
-)  # fmt: skip
-def finetuned_checkpoint(
-    context: dg.AssetExecutionContext,
-    config: FinetuneConfig,
-    base_model: ModelResource,
-    trainer: Trainer,
-    engine: InferenceEngine,
-    storage: Storage,
-) -> dg.MaterializeResult:
-    """The base model fine-tuned on seed pairs plus one recipe's generated pairs (seed_only,
-    filtering, rewriting, filtering_rewriting, filtering_distilling), with the training set
-    saved beside it as Parquet and chat JSONL."""
-    recipe = context.partition_key
-    rewritten, shards, missing = _rewritten_shards(context, storage)
-    if missing:
-        context.log.warning(f"shards without {REWRITTEN_DATASET}, left out: {missing}")
-    training_set = assemble_training_set(
-        storage.read(SEED_EXAMPLES), rewritten, recipe, config.generated_size, config.sample_seed
-    )
-    set_uri = storage.write(FINETUNED_CHECKPOINT, training_set, partition=recipe, suffix="train")
-    jsonl_uri = storage.write_text(
-        f"{FINETUNED_CHECKPOINT}/{recipe}.train.jsonl", chat_jsonl(training_set)
-    )
-    examples = [
-        TrainingExample(p, r, s)
-        for p, r, s in training_set.select("prompt", "response", "source").iter_rows()
-    ]
-    result = trainer.fine_tune(
-        str(base_model.local_path()), examples, str(storage.checkpoint_dir(FINETUNED_CHECKPOINT, recipe)),
-        trainer.hyperparameters(**config.values()),
-        base_reference=base_model.reference, fallback=llama2_inst, log=context.log.info, context=context,
-        extra_manifest={"recipe": recipe, "generated_size": config.generated_size, "shards_missing": missing},
-    )  # fmt: skip
-    uri = storage.publish_checkpoint(FINETUNED_CHECKPOINT, recipe)
-    checkpoint = str(storage.fetch_checkpoint(FINETUNED_CHECKPOINT, recipe))
-    sources = dict(training_set["source"].value_counts().rows())
-    generated = sources.get("generated", 0)
-    wanted = config.generated_size
-    return dg.MaterializeResult(
-        metadata={
-            "recipe": recipe,
-            "rows": training_set.height,
-            **table_metadata(training_set, TRAINING_SET_COLUMNS),
-            "seed_rows": sources.get("seed", 0),
-            "generated_rows": generated,
-            "shards": len(shards),
-            "training_set": dg.MetadataValue.path(set_uri),
-            "training_set_jsonl": dg.MetadataValue.path(jsonl_uri),
-            "sample": sample_rows(
-                training_set.filter(pl.col("source") == "generated"), ["prompt", "response"]
-            ),
-            **training_metadata(result, uri),
-            "base_model": base_model.reference,
-        },
-        check_results=[
-            *run_rules(training_set, TRAINING_SET_RULES),
-            loss_check(CHECK_FT_LOSS, result),
-            probe_check(CHECK_FT_LOADS, engine, checkpoint),
-            dg.AssetCheckResult(
-                check_name=CHECK_FT_SIZE,
-                passed=wanted is None or recipe == "seed_only" or generated == wanted,
-                metadata={
-                    "generated_rows": generated,
-                    "generated_size": wanted if wanted is not None else -1,
-                },
-            ),
+def build_finetuned_checkpoint(inst: BftInstance) -> dg.AssetsDefinition:
+    key = inst.key(FINETUNED_CHECKPOINT)
+    table = inst.table(FINETUNED_CHECKPOINT)
+    recipes = {r.name: r for r in inst.recipes}
+    settings = {name: inst.training_for(name) for name in recipes}
+
+    @dg.asset(
+        **inst.asset_args(FINETUNED_CHECKPOINT, {"huggingface", "pytorch", "polars"},
+                          {"base_model", "trainer", "engine", "storage"}),
+        partitions_def=inst.recipe_partitions,
+        deps=[inst.key(SEED_EXAMPLES), dg.AssetDep(inst.key(REWRITTEN_DATASET), partition_mapping=dg.AllPartitionMapping())],
+        group_name="training",
+        **inst.gpu_args(inst.trainer.num_gpus),
+        code_version=f"{training_version(inst, settings)};tags={SEED_TAG}|{WEB_TAG};recipes={digest(inst.recipes)}",
+        check_specs=[rule.spec(key) for rule in TRAINING_SET_RULES]
+        + [
+            dg.AssetCheckSpec(CHECK_FT_LOSS, asset=key, blocking=True,
+                              description="Training loss is finite and lower at the end than at the start."),
+            dg.AssetCheckSpec(CHECK_FT_LOADS, asset=key, blocking=True,
+                              description="The saved checkpoint loads back and answers a fixed prompt."),
+            dg.AssetCheckSpec(CHECK_FT_SIZE, asset=key,
+                              description="With generated_size set, the recipe has exactly that many generated pairs."),
         ],
-    )
+    )  # fmt: skip
+    def finetuned_checkpoint(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """The base model fine-tuned on seed pairs plus one declared recipe's generated pairs,
+        with the training set saved beside it as Parquet and chat JSONL."""
+        r = inst.bound(context)
+        storage, trainer, base_model = r.storage, r.trainer, r.base_model
+        recipe = recipes[context.partition_key]
+        rewritten, shards, missing = rewritten_shards(inst, context, storage)
+        if missing:
+            context.log.warning(f"shards without {REWRITTEN_DATASET}, left out: {missing}")
+        training_set = assemble_training_set(
+            storage.read(inst.table(SEED_EXAMPLES)), rewritten, recipe
+        )
+        set_uri = storage.write(table, training_set, partition=recipe.name, suffix="train")
+        jsonl_uri = storage.write_text(
+            f"{table}/{recipe.name}.train.jsonl", chat_jsonl(training_set)
+        )
+        examples = [
+            TrainingExample(p, x, s)
+            for p, x, s in training_set.select("prompt", "response", "source").iter_rows()
+        ]
+        result = trainer.fine_tune(
+            str(base_model.local_path()), examples, str(storage.checkpoint_dir(table, recipe.name)),
+            trainer.hyperparameters(**settings[recipe.name].model_dump()),
+            base_reference=base_model.reference, fallback=llama2_inst, log=context.log.info, context=context,
+            extra_manifest={"recipe": recipe.name, "recipe_spec": recipe.model_dump(mode="json"),
+                            "generated_size": recipe.generated_size, "shards_missing": missing},
+        )  # fmt: skip
+        uri = storage.publish_checkpoint(table, recipe.name)
+        checkpoint = str(storage.fetch_checkpoint(table, recipe.name))
+        sources = dict(training_set["source"].value_counts().rows())
+        generated = sources.get("generated", 0)
+        wanted = recipe.generated_size
+        return dg.MaterializeResult(
+            metadata={
+                "recipe": recipe.name,
+                "responses": recipe.responses,
+                "min_score": recipe.min_score if recipe.min_score is not None else 0,
+                "rows": training_set.height,
+                **table_metadata(training_set, TRAINING_SET_COLUMNS),
+                "seed_rows": sources.get("seed", 0),
+                "generated_rows": generated,
+                "shards": len(shards),
+                "training_set": dg.MetadataValue.path(set_uri),
+                "training_set_jsonl": dg.MetadataValue.path(jsonl_uri),
+                "sample": sample_rows(
+                    training_set.filter(pl.col("source") == "generated"), ["prompt", "response"]
+                ),
+                **training_metadata(result, uri),
+                "base_model": base_model.reference,
+            },
+            check_results=[
+                *run_rules(training_set, TRAINING_SET_RULES),
+                loss_check(CHECK_FT_LOSS, result),
+                probe_check(CHECK_FT_LOADS, r.engine, checkpoint),
+                dg.AssetCheckResult(
+                    check_name=CHECK_FT_SIZE,
+                    passed=wanted is None or recipe.responses == "none" or generated == wanted,
+                    metadata={
+                        "generated_rows": generated,
+                        "generated_size": wanted if wanted is not None else -1,
+                    },
+                ),
+            ],
+        )
+
+    return finetuned_checkpoint

@@ -1,37 +1,26 @@
-"""What seed_model and finetuned_checkpoint share: the paper's training settings as run
-config, the checks on a finished training run, and its metadata."""
+"""What seed_model and finetuned_checkpoint share: the checks on a finished training run,
+its metadata, and the part of their code version that says how they train."""
 
 import math
 
 import dagster as dg
-from pydantic import Field
 
+from bft_assets.instance import BftInstance, digest
 from bft_assets.prompts import llama2_inst
 from bft_assets.reporting import markdown_table
 from bft_resources.engine import Chat, InferenceEngine, Sampling
+from bft_resources.models import ModelResource
 from bft_resources.trainer import TrainingResult
 
 TRAINING_VERSION = "sft-v1"
+
+
+def training_version(inst: BftInstance, recipe_settings: object) -> str:
+    """What changes a trained model: the trainer, the training settings, the base model."""
+    return f"{TRAINING_VERSION};{digest(inst.trainer, recipe_settings, inst.models.base)}"
+
+
 PROBE_PROMPT = "Give one tip for writing clear documentation."
-
-
-class TrainingConfig(dg.Config):
-    learning_rate: float = Field(
-        default=1e-5, description="Peak learning rate (paper, 7B: 1e-5; 70B: 5.5e-6)."
-    )
-    max_steps: int = Field(
-        default=600, description="Optimizer steps (paper: 600/900/1200 for <= 25.6K examples)."
-    )
-    batch_size: int = Field(
-        default=32, description="Examples per optimizer step (gradient accumulation fills it)."
-    )
-    weight_decay: float = Field(default=0.1, description="AdamW weight decay (paper: 0.1).")
-    dropout: float = Field(default=0.1, description="Dropout (paper: 0.1).")
-    seed: int = Field(default=0, description="Seed of initialization order and data order.")
-
-    def values(self) -> dict:
-        return {"learning_rate": self.learning_rate, "max_steps": self.max_steps, "batch_size": self.batch_size,
-                "weight_decay": self.weight_decay, "dropout": self.dropout, "seed": self.seed}  # fmt: skip
 
 
 def loss_check(name: str, result: TrainingResult) -> dg.AssetCheckResult:
@@ -50,7 +39,7 @@ def loss_check(name: str, result: TrainingResult) -> dg.AssetCheckResult:
 
 def probe_check(name: str, engine: InferenceEngine, checkpoint: str) -> dg.AssetCheckResult:
     """The saved checkpoint loads in the inference engine and answers a fixed prompt."""
-    with engine.load(checkpoint, fallback=llama2_inst) as model:
+    with engine.load(ModelResource(model=checkpoint), fallback=llama2_inst) as model:
         (reply,) = model.generate([Chat(PROBE_PROMPT)], Sampling(temperature=0.0, max_tokens=32))
     return dg.AssetCheckResult(
         check_name=name,

@@ -12,14 +12,15 @@ import dagster as dg
 from pydantic import Field
 
 from bft_resources.engine import InferenceEngine, LoadedModel
+from bft_resources.models import ModelResource
 
 
 class Judge(dg.ConfigurableResource):
     backend: Literal["local", "endpoint"] = Field(
         default="local", description="A local model, or an endpoint."
     )
-    model: str = Field(
-        description="local: model reference (BFT_JUDGE_MODEL); endpoint: the served model's name."
+    model: ModelResource = Field(
+        description="local: the model to load; endpoint: its ``model`` is the served model's name."
     )
     base_url: str | None = Field(
         default=None, description="endpoint: e.g. https://api.openai.com/v1"
@@ -37,13 +38,13 @@ class Judge(dg.ConfigurableResource):
 
     @property
     def reference(self) -> str:
-        return f"{self.backend}:{self.model}"
+        return f"{self.backend}:{self.model.reference}"
 
     @contextlib.contextmanager
     def load(self) -> Iterator[LoadedModel]:
         if self.backend == "endpoint":
             engine = InferenceEngine(
-                backend="endpoint", base_url=self.base_url, api_key=self.api_key, served_model=self.model,
+                backend="endpoint", base_url=self.base_url, api_key=self.api_key, served_model=self.model.model,
                 max_concurrency=self.max_concurrency, max_retries=self.max_retries, timeout_s=self.timeout_s,
                 retry_backoff_s=self.retry_backoff_s,
             )  # fmt: skip

@@ -46,7 +46,7 @@ class Rule:
         names += list(self.kwargs.get("column_list", []))
         return names
 
-    def spec(self, asset: str) -> dg.AssetCheckSpec:
+    def spec(self, asset: str | dg.AssetKey) -> dg.AssetCheckSpec:
         return dg.AssetCheckSpec(
             self.check_name,
             asset=asset,

@@ -17,7 +17,7 @@ from bft_resources.engine.base import (
     LogprobsUnavailable,
     Sampling,
 )
-from bft_resources.models import resolve_model
+from bft_resources.models import ModelResource
 
 __all__ = [
     "Chat",
@@ -70,7 +70,7 @@ class InferenceEngine(dg.ConfigurableResource):
     )
     trust_remote_code: bool = Field(default=False, description="Run code shipped with a model.")
 
-    def _open(self, model: str, fallback: FallbackFormat | None) -> LoadedModel:
+    def _open(self, model: ModelResource, fallback: FallbackFormat | None) -> LoadedModel:
         if self.backend == "endpoint":
             from bft_resources.engine.endpoint import EndpointClient, EndpointModel
 
@@ -79,33 +79,43 @@ class InferenceEngine(dg.ConfigurableResource):
             client = EndpointClient(
                 self.base_url, self.api_key, self.max_concurrency, self.max_retries, self.timeout_s
             )
-            return EndpointModel(client, self.served_model or model)
-        path = str(resolve_model(model))
+            return EndpointModel(client, self.served_model or model.model)
+        # The whole reference, revision and storage included, decides what is loaded.
+        path = str(model.local_path())
         if self.backend == "vllm":
             from bft_resources.engine.vllm import VllmModel
 
             return VllmModel(
                 path,
-                model,
+                model.reference,
                 tensor_parallel_size=self.tensor_parallel_size,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 max_model_len=self.max_model_len,
                 enable_prefix_caching=self.enable_prefix_caching,
                 dtype=self.dtype,
-                trust_remote_code=self.trust_remote_code,
+                trust_remote_code=self.trust_remote_code or model.trust_remote_code,
                 fallback=fallback,
             )
         from bft_resources.engine.transformers import TransformersModel
 
         return TransformersModel(
-            path, model, self.device, self.dtype, self.batch_size, self.trust_remote_code, fallback
+            path,
+            model.reference,
+            self.device,
+            self.dtype,
+            self.batch_size,
+            self.trust_remote_code or model.trust_remote_code,
+            fallback,
         )
 
     @contextlib.contextmanager
-    def load(self, model: str, fallback: FallbackFormat | None = None) -> Iterator[LoadedModel]:
+    def load(
+        self, model: ModelResource | str, fallback: FallbackFormat | None = None
+    ) -> Iterator[LoadedModel]:
         """The model, loaded once for a step and released when the block ends. ``fallback``
         renders a message for a model without a chat template."""
-        loaded = self._open(model, fallback)
+        reference = model if isinstance(model, ModelResource) else ModelResource(model=model)
+        loaded = self._open(reference, fallback)
         try:
             yield loaded
         finally:

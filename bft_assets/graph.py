@@ -1,0 +1,90 @@
+"""One instance's definitions: its assets and checks, partition sets, jobs, sensors and
+resources, every name carrying the instance's key prefix. No executor: that is the host's."""
+
+import dagster as dg
+
+from bft_assets.backtranslation import build_backtranslated_pool
+from bft_assets.corpus import build_candidate_responses, build_corpus_documents, build_shard_sensor
+from bft_assets.evaluation import build_eval_scores
+from bft_assets.instance import (
+    BACKTRANSLATED_POOL,
+    CANDIDATE_RESPONSES,
+    CORPUS_DOCUMENTS,
+    EVAL_SCORES,
+    FINETUNED_CHECKPOINT,
+    REWRITTEN_DATASET,
+    SCORED_POOL,
+    SEED_EXAMPLES,
+    SEED_MODEL,
+    BftInstance,
+)
+from bft_assets.policies import AUTOMATION_SENSOR, rebuild_stale_sensor
+from bft_assets.rewriting import build_rewritten_dataset
+from bft_assets.scoring import build_scored_pool
+from bft_assets.seed import build_seed_examples
+from bft_assets.seed_model import build_seed_model
+from bft_assets.training import build_finetuned_checkpoint
+
+SEED_JOB = "seed_job"
+SEED_MODEL_JOB = "seed_model_job"
+SHARD_JOB = "shard_job"
+RECIPE_JOB = "recipe_job"
+OBSERVE_CORPUS_JOB = "observe_corpus_job"
+PER_SHARD = (CANDIDATE_RESPONSES, BACKTRANSLATED_POOL, SCORED_POOL, REWRITTEN_DATASET)
+
+
+def build_assets(inst: BftInstance) -> list[dg.AssetsDefinition]:
+    assets = [
+        build_seed_examples(inst),
+        build_corpus_documents(inst),
+        build_candidate_responses(inst),
+        build_backtranslated_pool(inst),
+        build_scored_pool(inst),
+        build_rewritten_dataset(inst),
+        build_finetuned_checkpoint(inst),
+        build_eval_scores(inst),
+    ]
+    if inst.trains_seed_model():
+        assets.append(build_seed_model(inst))
+    return assets
+
+
+def build_jobs(inst: BftInstance) -> list:
+    def keys(*names: str) -> dg.AssetSelection:
+        return dg.AssetSelection.assets(*(inst.key(n) for n in names))
+
+    jobs = [
+        dg.define_asset_job(inst.name(SEED_JOB), selection=keys(SEED_EXAMPLES), description="Build the seed set."),
+        dg.define_asset_job(inst.name(SHARD_JOB), selection=keys(*PER_SHARD), partitions_def=inst.shards,
+                            description="Build every per-shard asset for one corpus shard."),
+        dg.define_asset_job(inst.name(RECIPE_JOB), selection=keys(FINETUNED_CHECKPOINT, EVAL_SCORES),
+                            partitions_def=inst.recipe_partitions,
+                            description="Fine-tune the base model on one recipe's training set and evaluate it."),
+        dg.define_asset_job(inst.name(OBSERVE_CORPUS_JOB), selection=keys(CORPUS_DOCUMENTS),
+                            description="Fingerprint every known shard, so changed shards mark their partitions stale."),
+    ]  # fmt: skip
+    if inst.trains_seed_model():
+        jobs.append(
+            dg.define_asset_job(
+                inst.name(SEED_MODEL_JOB),
+                selection=keys(SEED_MODEL),
+                partitions_def=inst.directions,
+                description="Train the backward or forward seed model.",
+            )
+        )
+    return jobs
+
+
+def build_instance_defs(inst: BftInstance) -> dg.Definitions:
+    assets = build_assets(inst)
+    return dg.Definitions(
+        assets=dg.with_source_code_references(assets),
+        jobs=build_jobs(inst),
+        sensors=[
+            build_shard_sensor(inst),
+            rebuild_stale_sensor(
+                inst.name(AUTOMATION_SENSOR), dg.AssetSelection.key_prefixes([inst.prefix])
+            ),
+        ],
+        resources=inst.resources(),
+    )
