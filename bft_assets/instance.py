@@ -193,6 +193,15 @@ class BftInstance:
         mapping = dg.SpecificPartitionsPartitionMapping([direction])
         return [dg.AssetDep(self.seed_model_key(), partition_mapping=mapping)]
 
+    def shard_stages_digest(self) -> str:
+        """The declared settings of the per-shard stages. The assets that read every shard
+        (finetuned_checkpoint, eval_scores) carry it in their code version: Dagster's stale
+        status does not follow a dependency on all partitions, so a changed rewriter would
+        otherwise leave them fresh."""
+        sources = [self.stage_model_reference(d) for d in DIRECTIONS]
+        return digest(self.corpus.model_dump(exclude={"uri"}), self.models, sources, self.generation,
+                      self.rewrite_floor, self.distill_floor)  # fmt: skip
+
     # ---- decorator arguments shared by every asset -------------------------------------
 
     def storage_kind(self) -> str:

@@ -5,64 +5,46 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from bft_assets.backtranslation import BACKTRANSLATED_POOL, backtranslated_pool
-from bft_assets.corpus import (
-    CANDIDATE_RESPONSES,
-    candidate_responses,
-    corpus_documents,
-    discover_shards,
-)
+from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
-from bft_assets.rewriting import (
-    NOT_SELECTED,
-    OK,
-    REWRITE_STATUSES,
+from bft_assets.instance import (
+    BACKTRANSLATED_POOL,
+    CANDIDATE_RESPONSES,
+    CORPUS_DOCUMENTS,
     REWRITTEN_DATASET,
-    TRUNCATED,
-    rewritten_dataset,
+    SCORED_POOL,
 )
-from bft_assets.scoring import NO_SCORE, SCORED_POOL, scored_pool
+from bft_assets.rewriting import NOT_SELECTED, OK, REWRITE_STATUSES, TRUNCATED
+from bft_assets.scoring import NO_SCORE
 from bft_resources.corpus import CorpusSource
-from bft_resources.engine import InferenceEngine
-from bft_resources.models import ModelResource
-from bft_resources.storage import LocalStorage
 
-STAGES = [
-    corpus_documents,
-    candidate_responses,
-    backtranslated_pool,
-    scored_pool,
-    rewritten_dataset,
-]
+from instances import declare, materialize, node
+
+STAGES = [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES, BACKTRANSLATED_POOL, SCORED_POOL, REWRITTEN_DATASET]
 
 
-def _setup(tmp_path, model: ModelResource, docs: int) -> dict:
+def _setup(tmp_path, model: str, docs: int, **overrides):
     write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=docs)
-    return {
-        "storage": LocalStorage(root=str(tmp_path / "storage")),
-        "corpus": CorpusSource(uri=str(tmp_path / "corpus")),
-        "engine": InferenceEngine(batch_size=4),
-        **dict.fromkeys(("base_model", "backward_model", "forward_model", "rewriter_model"), model),
-    }
+    # The generation stages use the declared model instead of trained seed models.
+    return declare(tmp_path, model, models={"backward": model, "forward": model}, **overrides)
 
 
 def _table(tmp_path, asset: str, shard: str) -> pl.DataFrame:
-    return pl.read_parquet(tmp_path / "storage" / asset / f"{shard}.parquet")
+    return pl.read_parquet(tmp_path / "storage" / "t" / asset / f"{shard}.parquet")
 
 
 @pytest.mark.slow
 def test_smollm2_backtranslates_scores_and_rewrites_a_shard(tmp_path, smollm2):
-    resources = _setup(tmp_path, smollm2, docs=4)
-    config = {"ops": {
-        BACKTRANSLATED_POOL: {"config": {"max_new_tokens": 32, "model_source": "configured"}},
-        SCORED_POOL: {"config": {"mode": "logprobs", "threshold": 3, "model_source": "configured"}},
-        REWRITTEN_DATASET: {"config": {"max_new_tokens": 160, "force_format": True, "rewrite": "all"}},
-    }}  # fmt: skip
+    inst = _setup(tmp_path, smollm2.model, docs=4, generation={
+        "backtranslation": {"max_new_tokens": 32}, "scoring": {"mode": "logprobs"},
+        "rewriting": {"max_new_tokens": 160, "force_format": True}},
+        # rewriting (every pair rewritten) and a distilled recipe at score >= 3
+        recipes=[{"name": "rewriting", "responses": "rewrite"},
+                 {"name": "distilling_3", "responses": "distilled", "min_score": 3}])  # fmt: skip
     with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(resources["corpus"], instance)
-        result = dg.materialize(
-            STAGES, instance=instance, partition_key=shard, resources=resources, run_config=config
-        )
+        corpus = CorpusSource(uri=str(tmp_path / "corpus"))
+        (shard,) = discover_shards(corpus, instance, inst.shards.name)
+        result = materialize(inst, STAGES, instance, partition_key=shard)
     assert result.success
     candidates = _table(tmp_path, CANDIDATE_RESPONSES, shard)
     pool = _table(tmp_path, BACKTRANSLATED_POOL, shard)
@@ -86,9 +68,11 @@ def test_smollm2_backtranslates_scores_and_rewrites_a_shard(tmp_path, smollm2):
         else:
             assert row["rewrite"] is None
         assert (row["rewrite_status"] == TRUNCATED) == (row["rewrite_reply_finish"] == "length")
-    passed = rewritten.filter(pl.col("passed") & pl.col("instruction_flag").is_null())
+    passed = rewritten.filter((pl.col("score") >= 3) & pl.col("instruction_flag").is_null())
     assert passed["distilled"].null_count() == 0
-    meta = result.asset_materializations_for_node(SCORED_POOL)[0].metadata
+    below = rewritten.filter((pl.col("score") < 3) | pl.col("instruction_flag").is_not_null())
+    assert below["distilled"].null_count() == below.height  # nobody trains on those answers
+    meta = result.asset_materializations_for_node(node(inst, SCORED_POOL))[0].metadata
     assert meta["valid_rate"].value == 1.0
     assert sum(meta[f"score_{s}"].value for s in "12345") == usable.height
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
@@ -99,15 +83,12 @@ def test_smollm2_backtranslates_scores_and_rewrites_a_shard(tmp_path, smollm2):
 def test_unparseable_replies_keep_their_rows_with_a_reason(tmp_path, tiny_tokenizer_model):
     """A random model never writes 'Score: N': every pair stays, with a null score and a
     reason, and the hard-floor check fails loudly instead of passing an empty pool."""
-    resources = _setup(tmp_path, ModelResource(model=str(tiny_tokenizer_model)), docs=6)
-    config = {"ops": {
-        BACKTRANSLATED_POOL: {"config": {"max_new_tokens": 8, "model_source": "configured"}},
-        SCORED_POOL: {"config": {"mode": "generate", "max_new_tokens": 8, "model_source": "configured"}},
-    }}  # fmt: skip
+    inst = _setup(tmp_path, str(tiny_tokenizer_model), docs=6, generation={
+        "backtranslation": {"max_new_tokens": 8}, "scoring": {"mode": "generate", "max_new_tokens": 8}})  # fmt: skip
     with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(resources["corpus"], instance)
-        result = dg.materialize(STAGES[:4], instance=instance, partition_key=shard, resources=resources,
-                                run_config=config, raise_on_error=False)  # fmt: skip
+        corpus = CorpusSource(uri=str(tmp_path / "corpus"))
+        (shard,) = discover_shards(corpus, instance, inst.shards.name)
+        result = materialize(inst, STAGES[:4], instance, partition_key=shard, raise_on_error=False)
     scored = _table(tmp_path, SCORED_POOL, shard)
     pool = _table(tmp_path, BACKTRANSLATED_POOL, shard)
     assert scored.height == pool.height

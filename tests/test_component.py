@@ -1,0 +1,302 @@
+"""bft as a plugin: two instances declared in YAML inside a user's own dg project, beside
+the host's own `storage` resource, asset and automation sensor."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+from dagster._core.definitions.data_version import StaleStatus
+from dagster._utils.test.data_versions import get_stale_status_resolver
+
+from bft_assets.corpus import discover_shards
+from bft_assets.demo import write_demo_corpus
+from bft_assets.instance import (
+    BACKTRANSLATED_POOL,
+    CANDIDATE_RESPONSES,
+    EVAL_SCORES,
+    FINETUNED_CHECKPOINT,
+    REWRITTEN_DATASET,
+    SEED_EXAMPLES,
+)
+from bft_resources.corpus import CorpusSource
+
+from instances import declare, materialize, record_whole_graph
+
+DG = Path(sys.executable).with_name("dg")
+
+HOST_ASSETS = '''\
+import dagster as dg
+
+
+class Warehouse(dg.ConfigurableResource):
+    url: str = "sqlite://"
+
+
+@dg.asset(automation_condition=dg.AutomationCondition.eager())
+def orders(storage: Warehouse) -> None:
+    """The host's own asset, reading the host's own `storage` resource."""
+
+
+@dg.definitions
+def defs():
+    return dg.Definitions(
+        assets=[orders],
+        resources={"storage": Warehouse()},
+        sensors=[dg.AutomationConditionSensorDefinition(
+            "host_automation", target=dg.AssetSelection.assets(orders))],
+    )
+'''
+
+
+def _instance_yaml(root: Path, prefix: str, model: Path, rewriter: str | None = None) -> dict:
+    return {
+        "type": "bft_assets.BackAndForthTranslation",
+        "attributes": {
+            "key_prefix": prefix,
+            "storage": str(root / f"storage_{prefix}"),
+            "seed": {"uri": "bft:demo"},
+            "corpus": {"uri": str(root / f"corpus_{prefix}")},
+            "models": {"base": str(model), "rewriter": rewriter or str(model)},
+            "recipes": [{"name": "seed_only", "responses": "none"},
+                        {"name": "filtering_rewriting", "responses": "rewrite", "min_score": 5}],
+            "eval": {"uri": "bft:demo"},
+        },
+    }  # fmt: skip
+
+
+def _write_host(root: Path, model: Path) -> Path:
+    """A user's dg project (src layout) with its own asset, `storage` resource and automation
+    sensor, and two bft instances over two corpora and two storage roots."""
+    package = root / "src" / "host"
+    (package / "defs").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(textwrap.dedent("""\
+        [project]
+        name = "host"
+        version = "0.1.0"
+        requires-python = ">=3.11"
+
+        [tool.dg]
+        directory_type = "project"
+
+        [tool.dg.project]
+        root_module = "host"
+        """))  # fmt: skip
+    (package / "__init__.py").write_text("")
+    (package / "definitions.py").write_text(textwrap.dedent("""\
+        from pathlib import Path
+
+        import dagster as dg
+
+
+        @dg.definitions
+        def defs():
+            return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+        """))  # fmt: skip
+    (package / "defs" / "__init__.py").write_text("")
+    (package / "defs" / "host_assets.py").write_text(HOST_ASSETS)
+    for prefix in ("web", "c4"):
+        _write_instance(root, prefix, _instance_yaml(root, prefix, model))
+        write_demo_corpus(root / f"corpus_{prefix}", shards=1, docs_per_shard=3)
+    # different shard names per corpus, so "each instance sees only its own" can be seen
+    (root / "corpus_c4" / "stdlib-docs-0000.jsonl.gz").rename(root / "corpus_c4" / "c4-0000.jsonl.gz")
+    return root
+
+
+def _write_instance(root: Path, prefix: str, body: dict) -> Path:
+    folder = root / "src" / "host" / "defs" / prefix
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "defs.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def _dg(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "NO_COLOR": "1"}
+    (root / "dagster_home").mkdir(exist_ok=True)
+    # `check` would otherwise look for the project's own virtualenv; this one has bft.
+    active = ["--use-active-venv"] if args[0] == "check" else []
+    return subprocess.run([str(DG), *args, *active], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@contextmanager
+def _host_defs(root: Path) -> Iterator[dg.Definitions]:
+    """The host project's definitions, loaded as `dagster dev` would (modules evicted after,
+    so the next load reads the YAML again)."""
+    sys.path.insert(0, str(root / "src"))
+    try:
+        yield dg.load_from_defs_folder(path_within_project=root)
+    finally:
+        sys.path.remove(str(root / "src"))
+        for name in [m for m in sys.modules if m == "host" or m.startswith("host.")]:
+            del sys.modules[name]
+
+
+@pytest.fixture
+def host(tmp_path, tiny_tokenizer_model) -> Path:
+    return _write_host(tmp_path / "host", tiny_tokenizer_model)
+
+
+def test_two_instances_load_beside_the_host_and_dg_check_defs_passes(host):
+    checked = _dg(host, "check", "defs")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with _host_defs(host) as defs:
+        repo = defs.get_repository_def()
+        keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+        resources = set(defs.resources)
+    assert "orders" in keys
+    for prefix in ("web", "c4"):
+        assert {f"{prefix}/{a}" for a in (SEED_EXAMPLES, CANDIDATE_RESPONSES, EVAL_SCORES)} <= keys
+        assert {f"{prefix}__shard_job", f"{prefix}__seed_job"} <= {j.name for j in repo.get_all_jobs()}
+        assert {f"{prefix}__corpus_shard_sensor", f"{prefix}__rebuild_stale"} <= {
+            s.name for s in repo.sensor_defs
+        }
+    # The host keeps its generic `storage`; bft's resources are all prefixed.
+    assert isinstance(defs.resources["storage"], dg.ConfigurableResource)
+    assert all(r == "storage" or r.startswith(("web__", "c4__")) for r in resources)
+    partition_sets = {
+        a.partitions_def.name
+        for a in defs.assets
+        if isinstance(a, dg.AssetsDefinition) and isinstance(a.partitions_def, dg.DynamicPartitionsDefinition)
+    }
+    assert partition_sets == {"web__corpus_shards", "c4__corpus_shards"}
+
+
+def test_each_instance_writes_its_own_root_and_sees_only_its_own_shards(host):
+    with _host_defs(host) as defs, dg.instance_for_test() as instance:
+        repo = defs.get_repository_def()
+        for prefix in ("web", "c4"):
+            sensor = repo.get_sensor_def(f"{prefix}__corpus_shard_sensor")
+            with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+                result = sensor.evaluate_tick(context)
+            for request in result.dynamic_partitions_requests:
+                instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        assert instance.get_dynamic_partitions("web__corpus_shards") == ["stdlib-docs-0000"]
+        assert instance.get_dynamic_partitions("c4__corpus_shards") == ["c4-0000"]
+
+        for prefix, shard in (("web", "stdlib-docs-0000"), ("c4", "c4-0000")):
+            chosen = [defs.get_assets_def(dg.AssetKey([prefix, SEED_EXAMPLES]))]
+            assert dg.materialize(chosen, instance=instance, resources=defs.resources).success
+            chosen = [defs.get_assets_def(dg.AssetKey([prefix, CANDIDATE_RESPONSES]))]
+            assert dg.materialize(chosen, instance=instance, resources=defs.resources, partition_key=shard).success
+        # the host's sensor and asset are untouched: no run, no materialization, still its own
+        host_sensor = repo.get_sensor_def("host_automation")
+        assert host_sensor.asset_selection.resolve(repo.asset_graph) == {dg.AssetKey("orders")}
+        assert instance.get_latest_materialization_event(dg.AssetKey("orders")) is None
+
+    for prefix, shard in (("web", "stdlib-docs-0000"), ("c4", "c4-0000")):
+        root = host / f"storage_{prefix}" / prefix
+        assert pl.read_parquet(root / f"{SEED_EXAMPLES}.parquet").height == 24
+        candidates = pl.read_parquet(root / CANDIDATE_RESPONSES / f"{shard}.parquet")
+        assert (candidates["shard"] == shard).all() and candidates.height > 0
+    assert sorted(p.name for p in (host / "storage_web").iterdir()) == ["web"]
+    assert sorted(p.name for p in (host / "storage_c4").iterdir()) == ["c4"]
+
+
+def _stale(defs: dg.Definitions, instance: dg.DagsterInstance) -> set[str]:
+    # Dagster's own resolver: what the UI shows as stale, and what `code_version_changed` reads.
+    resolver = get_stale_status_resolver(instance, list(defs.assets))
+    stale = set()
+    for asset in defs.assets:
+        if not isinstance(asset, dg.AssetsDefinition) or not asset.is_materializable:
+            continue
+        keys = [None] if asset.partitions_def is None else asset.partitions_def.get_partition_keys(
+            dynamic_partitions_store=instance)  # fmt: skip
+        for partition in keys:
+            if resolver.get_status(asset.key, partition) != StaleStatus.FRESH:
+                stale.add(f"{asset.key.to_user_string()}[{partition}]")
+    return stale
+
+
+def test_editing_one_instances_rewriter_stales_exactly_what_reads_its_rewrites(host, tiny_tokenizer_model):
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("web__corpus_shards", ["s0"])
+        instance.add_dynamic_partitions("c4__corpus_shards", ["s0"])
+        with _host_defs(host) as defs:
+            record_whole_graph(defs, instance)
+            assert _stale(defs, instance) == set()  # a built graph is fresh
+
+        body = _instance_yaml(host, "web", tiny_tokenizer_model, rewriter="meta-llama/Llama-2-70b-chat-hf")
+        _write_instance(host, "web", body)
+        with _host_defs(host) as defs:
+            stale = _stale(defs, instance)
+    recipes = ("seed_only", "filtering_rewriting")
+    assert stale == {
+        f"web/{REWRITTEN_DATASET}[s0]",
+        *(f"web/{asset}[{r}]" for asset in (FINETUNED_CHECKPOINT, EVAL_SCORES) for r in recipes),
+    }
+
+
+def test_a_misspelt_attribute_fails_dg_check_defs_naming_it(host, tiny_tokenizer_model):
+    body = _instance_yaml(host, "web", tiny_tokenizer_model)
+    body["attributes"]["corpsu"] = body["attributes"].pop("corpus")
+    path = _write_instance(host, "web", body)
+    checked = _dg(host, "check", "defs")
+    assert checked.returncode != 0
+    out = checked.stdout + checked.stderr
+    assert "corpsu" in out and f"{path}:" in out, out[-3000:]
+
+
+def test_dg_lists_the_component_and_scaffolds_a_starter_that_loads(host):
+    listed = _dg(host, "list", "components", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = {c["key"]: c for c in json.loads(listed.stdout)["items"]}
+    assert "bft_assets.BackAndForthTranslation" in entries
+
+    shutil.rmtree(host / "src" / "host" / "defs" / "c4")
+    scaffolded = _dg(host, "scaffold", "defs", "bft_assets.BackAndForthTranslation", "my_web")
+    assert scaffolded.returncode == 0, scaffolded.stdout + scaffolded.stderr
+    starter = (host / "src" / "host" / "defs" / "my_web" / "defs.yaml").read_text()
+    assert "EMBEDDED model" in starter and "DEMO data" in starter  # clearly labelled
+    assert yaml.safe_load(starter)["attributes"]["key_prefix"] == "my_web"
+    checked = _dg(host, "check", "defs")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with _host_defs(host) as defs:
+        assert defs.get_assets_def(dg.AssetKey(["my_web", SEED_EXAMPLES]))
+
+
+def _fake_hub_model(cache: Path, repo: str, revision: str, good: Path) -> None:
+    """A Hugging Face hub cache holding ``repo`` at two revisions, as snapshot_download
+    leaves it: ``revision`` is the tiny model, ``main`` a folder nothing can load."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    pinned, default = "1" * 40, "2" * 40
+    shutil.copytree(good, folder / "snapshots" / pinned)
+    (folder / "snapshots" / default).mkdir(parents=True)
+    (folder / "snapshots" / default / "config.json").write_text("{not json")
+    (folder / "refs").mkdir()
+    (folder / "refs" / revision).write_text(pinned)
+    (folder / "refs" / "main").write_text(default)
+
+
+def test_a_pinned_revision_reaches_the_engines_model_load(tmp_path, tiny_tokenizer_model, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    _fake_hub_model(cache, "bft-test/tiny", "v1", tiny_tokenizer_model)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=3)
+    pinned = {"model": "bft-test/tiny", "revision": "v1"}
+    inst = declare(tmp_path, tiny_tokenizer_model, models={"backward": pinned},
+                   generation={"backtranslation": {"max_new_tokens": 4}})  # fmt: skip
+    with dg.instance_for_test() as instance:
+        (shard,) = discover_shards(CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name)
+        result = materialize(inst, [CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance, partition_key=shard)
+    assert result.success  # `main` cannot load: only the pinned snapshot could have
+    pool = pl.read_parquet(tmp_path / "storage" / "t" / BACKTRANSLATED_POOL / f"{shard}.parquet")
+    assert pool["model"].unique().to_list() == ["bft-test/tiny@v1"]
+
+    unpinned = declare(tmp_path, tiny_tokenizer_model, models={"backward": "bft-test/tiny"})
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(unpinned.shards.name, [shard])
+        failed = materialize(unpinned, [BACKTRANSLATED_POOL], instance, partition_key=shard, raise_on_error=False)
+    assert not failed.success  # the same reference without its revision loads `main`
