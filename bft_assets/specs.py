@@ -82,7 +82,7 @@ class Models(dg.Resolvable, dg.Model):
     )
 
 
-class SeedModelsFrom(dg.Model):
+class SeedModelsFrom(dg.Resolvable, dg.Model):
     """Use another instance's trained seed models (the paper's corpus ablation trains them once)."""
 
     instance: str = Field(description="The other instance's key_prefix.", examples=["web"])
@@ -91,7 +91,7 @@ class SeedModelsFrom(dg.Model):
     )
 
 
-class SeedSpec(dg.Model):
+class SeedSpec(dg.Resolvable, dg.Model):
     uri: str = Field(
         description=f"An oasst *.trees.jsonl, flat JSONL/Parquet pairs, or a folder of them; {DEMO_DATA!r}: the packaged 24 demo pairs.",
         examples=["/data/oasst1/2023-04-12_oasst_ready.trees.jsonl", DEMO_DATA],
@@ -99,7 +99,7 @@ class SeedSpec(dg.Model):
     max_examples: int = Field(default=PAPER_SEED_SIZE, description="Seed pairs kept (paper: 3,200).")  # fmt: skip
 
 
-class CorpusSpec(dg.Model):
+class CorpusSpec(dg.Resolvable, dg.Model):
     uri: str = Field(
         description="Folder or s3:// prefix of Dolma gzip JSONL shards; one shard, one partition.",
         examples=["s3://bucket/dolma/cc_en_head/", "/data/dolma/cc_en_head"],
@@ -113,7 +113,7 @@ class CorpusSpec(dg.Model):
     min_keep_rate: float = Field(default=0.05, description="Keep rate under which a WARN check fails.")  # fmt: skip
 
 
-class EngineSpec(dg.Model):
+class EngineSpec(dg.Resolvable, dg.Model):
     backend: Literal["transformers", "vllm", "endpoint"] = Field(
         default="transformers",
         description="transformers (CPU or a GPU), vllm (GPUs, the gpu extra) or endpoint (OpenAI-compatible).",
@@ -135,7 +135,7 @@ class EngineSpec(dg.Model):
     max_concurrency: int = Field(default=8, description="endpoint: requests in flight.")
 
 
-class JudgeSpec(dg.Model):
+class JudgeSpec(dg.Resolvable, dg.Model):
     backend: Literal["local", "endpoint"] = Field(default="local", description="A local model, or an endpoint.")  # fmt: skip
     base_url: str | None = Field(default=None, description="endpoint: e.g. https://api.openai.com/v1")  # fmt: skip
     api_key_env: str | None = Field(
@@ -144,7 +144,7 @@ class JudgeSpec(dg.Model):
     batch_size: int = Field(default=8, description="local: prompts per forward pass.")
 
 
-class TrainerSpec(dg.Model):
+class TrainerSpec(dg.Resolvable, dg.Model):
     method: Literal["full", "lora"] = Field(default="full", description="Full fine-tuning or LoRA.")
     merge_lora: bool = Field(default=True, description="Merge LoRA adapters into the checkpoint.")
     micro_batch_size: int = Field(default=4, description="Examples per forward pass.")
@@ -154,7 +154,7 @@ class TrainerSpec(dg.Model):
     launcher: Literal["auto", "in_process", "subprocess"] = Field(default="auto", description="Where training runs.")  # fmt: skip
 
 
-class TrainingSettings(dg.Model):
+class TrainingSettings(dg.Resolvable, dg.Model):
     """METHOD.md step 4 (7B): cosine schedule, batch 32, weight decay 0.1, dropout 0.1, lr 1e-5."""
 
     learning_rate: float = Field(default=1e-5, description="Peak learning rate (paper: 1e-5 7B, 5.5e-6 70B).")  # fmt: skip
@@ -165,7 +165,7 @@ class TrainingSettings(dg.Model):
     seed: int = Field(default=0, description="Initialization and data order.")
 
 
-class SamplingSpec(dg.Model):
+class SamplingSpec(dg.Resolvable, dg.Model):
     temperature: float = Field(default=PAPER_TEMPERATURE, description="Sampling temperature (paper: 1.0).")  # fmt: skip
     top_p: float = Field(default=PAPER_TOP_P, description="Nucleus mass (paper: 0.9).")
     max_new_tokens: int = Field(default=256, description="Most tokens generated per reply.")
@@ -191,7 +191,7 @@ class RewritingSpec(SamplingSpec):
     min_extraction_rate: float = Field(default=0.5, description="WARN under this extraction rate.")  # fmt: skip
 
 
-class GenerationSpec(dg.Model):
+class GenerationSpec(dg.Resolvable, dg.Model):
     backtranslation: SamplingSpec = Field(default_factory=SamplingSpec, description="Step 1.")
     scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="Step 2.")
     rewriting: RewritingSpec = Field(default_factory=RewritingSpec, description="Step 3.")
@@ -200,7 +200,7 @@ class GenerationSpec(dg.Model):
 Responses = Literal["none", "web", "rewrite", "distilled"]
 
 
-class RecipeSpec(dg.Model):
+class RecipeSpec(dg.Resolvable, dg.Model):
     """What one recipe trains on: seed pairs plus a selection of generated pairs."""
 
     name: str = Field(description="The recipe's partition key.", examples=["filtering_rewriting"])
@@ -244,7 +244,7 @@ PAPER_RECIPES = (
 )
 
 
-class EvalSpec(dg.Model):
+class EvalSpec(dg.Resolvable, dg.Model):
     uri: str = Field(
         description=f"AlpacaEval JSON list or JSONL ({{instruction, output, ...}}); {DEMO_DATA!r}: 8 demo instructions.",
         examples=["/data/alpaca_eval/alpaca_eval.json", DEMO_DATA],
@@ -264,7 +264,7 @@ class EvalSpec(dg.Model):
     mauve_texts: int = Field(default=200, description="Responses per side for MAUVE (0: skip).")
 
 
-class S3Spec(dg.Model):
+class S3Spec(dg.Resolvable, dg.Model):
     """S3 client settings; credentials come from boto3's chain (variables, profile, role)."""
 
     endpoint_url: str | None = Field(default=None, description="e.g. a MinIO or moto server.")
