@@ -46,13 +46,19 @@ def declare(root: Path, model: str | Path, prefix: str = "t", **overrides: Any) 
 
 
 def materialize(
-    inst: BftInstance, names: list[str], instance: dg.DagsterInstance, **kwargs: Any
+    inst: BftInstance,
+    names: list[str],
+    instance: dg.DagsterInstance,
+    swap: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> dg.ExecuteInProcessResult:
-    """Materialize some of an instance's assets, with the instance's own resources."""
+    """Materialize some of an instance's assets, with the instance's own resources (``swap``
+    replaces some by role, e.g. a named fault injector as ``engine``)."""
     defs = build_instance_defs(inst)
     wanted = {inst.key(n) for n in names}
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.key in wanted]
-    return dg.materialize(assets, instance=instance, resources=defs.resources, **kwargs)
+    resources = {**defs.resources, **{inst.resource_key(r): v for r, v in (swap or {}).items()}}
+    return dg.materialize(assets, instance=instance, resources=resources, **kwargs)
 
 
 def node(inst: BftInstance, name: str) -> str:

@@ -5,14 +5,14 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from bft_assets.backtranslation import BACKTRANSLATED_POOL, backtranslated_pool
-from bft_assets.corpus import candidate_responses, corpus_documents, discover_shards
+from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
+from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES
 from bft_resources.corpus import CorpusSource
 from bft_resources.engine import Chat, InferenceEngine, LogprobsUnavailable, Sampling
 from bft_resources.engine.endpoint import EndpointError
-from bft_resources.storage import LocalStorage
 
+from instances import declare, materialize, node
 from servers import FaultInjectingProxy, transformers_serve
 
 pytestmark = pytest.mark.slow
@@ -76,35 +76,21 @@ def test_an_outage_mid_shard_keeps_finished_batches(proxy, smollm2, tmp_path):
     """The stage fails clearly when the endpoint stays down; the batches that finished
     before the outage are reused when it comes back."""
     write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=4)
-    resources = {"storage": LocalStorage(root=str(tmp_path / "storage")), "base_model": smollm2,
-                 "corpus": CorpusSource(uri=str(tmp_path / "corpus")), "backward_model": smollm2}  # fmt: skip
-    config = {
-        "ops": {
-            BACKTRANSLATED_POOL: {
-                "config": {"batch_rows": 2, "max_new_tokens": 8, "model_source": "configured"}
-            }
-        }
-    }
+    inst = declare(tmp_path, smollm2.model, models={"backward": smollm2.model},
+                   generation={"backtranslation": {"batch_rows": 2, "max_new_tokens": 8}})  # fmt: skip
     engine = _engine(proxy.url, smollm2, max_retries=1, timeout_s=60)
     with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(resources["corpus"], instance)
-        dg.materialize([corpus_documents, candidate_responses], instance=instance, partition_key=shard,
-                       resources=resources)  # fmt: skip
-        proxy.script, proxy.always = (
-            ["forward", "forward"],
-            "503",
-        )  # batch 1 answers, then an outage
-        failed = dg.materialize([corpus_documents, backtranslated_pool], selection=[BACKTRANSLATED_POOL],
-                                instance=instance, partition_key=shard, run_config=config,
-                                resources={**resources, "engine": engine}, raise_on_error=False)  # fmt: skip
+        (shard,) = discover_shards(CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name)
+        materialize(inst, [CANDIDATE_RESPONSES], instance, partition_key=shard)
+        proxy.script, proxy.always = ["forward", "forward"], "503"  # batch 1 answers, then an outage
+        failed = materialize(inst, [BACKTRANSLATED_POOL], instance, swap={"engine": engine},
+                             partition_key=shard, raise_on_error=False)  # fmt: skip
         assert not failed.success
         error = failed.get_step_failure_events()[0].step_failure_data.error
         assert "HTTP 503" in str(error.cause or error)
         proxy.always = None  # the server is back
-        resumed = dg.materialize([corpus_documents, backtranslated_pool], selection=[BACKTRANSLATED_POOL],
-                                 instance=instance, partition_key=shard, run_config=config,
-                                 resources={**resources, "engine": engine})  # fmt: skip
-    meta = resumed.asset_materializations_for_node(BACKTRANSLATED_POOL)[0].metadata
+        resumed = materialize(inst, [BACKTRANSLATED_POOL], instance, swap={"engine": engine}, partition_key=shard)
+    meta = resumed.asset_materializations_for_node(node(inst, BACKTRANSLATED_POOL))[0].metadata
     assert meta["rows_reused"].value == 2
-    pool = pl.read_parquet(tmp_path / "storage" / BACKTRANSLATED_POOL / f"{shard}.parquet")
+    pool = pl.read_parquet(tmp_path / "storage" / "t" / BACKTRANSLATED_POOL / f"{shard}.parquet")
     assert pool.height == meta["rows_in"].value and pool["raw_instruction"].null_count() == 0

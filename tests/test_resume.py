@@ -5,13 +5,13 @@ import contextlib
 import dagster as dg
 import polars as pl
 
-from bft_assets.backtranslation import BACKTRANSLATED_POOL, backtranslated_pool
-from bft_assets.corpus import candidate_responses, corpus_documents, discover_shards
+from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
+from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES, CORPUS_DOCUMENTS
 from bft_resources.corpus import CorpusSource
 from bft_resources.engine import InferenceEngine
-from bft_resources.models import ModelResource
-from bft_resources.storage import LocalStorage
+
+from instances import declare, materialize, node
 
 CALLS: list[list[str]] = []
 
@@ -40,46 +40,31 @@ class FaultInjectingEngine(InferenceEngine):
 
 def test_a_crash_loses_only_the_batch_in_flight(tmp_path, tiny_tokenizer_model):
     write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=10)
-    model = ModelResource(model=str(tiny_tokenizer_model))
-    resources = {
-        "storage": LocalStorage(root=str(tmp_path / "storage")),
-        "corpus": CorpusSource(uri=str(tmp_path / "corpus")),
-        "base_model": model,
-        "backward_model": model,
-    }
-    config = {
-        "ops": {
-            BACKTRANSLATED_POOL: {
-                "config": {"batch_rows": 3, "max_new_tokens": 6, "model_source": "configured"}
-            }
-        }
-    }
+    model = str(tiny_tokenizer_model)
+    inst = declare(tmp_path, model, models={"backward": model},
+                   generation={"backtranslation": {"batch_rows": 3, "max_new_tokens": 6}})  # fmt: skip
+    storage = tmp_path / "storage" / "t"
     with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(resources["corpus"], instance)
+        (shard,) = discover_shards(CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name)
         CALLS.clear()
-        crashed = dg.materialize(
-            [corpus_documents, candidate_responses, backtranslated_pool],
-            instance=instance, partition_key=shard, run_config=config, raise_on_error=False,
-            resources={**resources, "engine": FaultInjectingEngine(fail_after=2)},
-        )  # fmt: skip
+        crashed = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance,
+                              swap={"engine": FaultInjectingEngine(fail_after=2)}, partition_key=shard,
+                              raise_on_error=False)  # fmt: skip
         assert not crashed.success
         done_before = [p for call in CALLS for p in call]
         assert len(CALLS) == 2 and len(done_before) == 6
-        assert not (tmp_path / "storage" / BACKTRANSLATED_POOL / f"{shard}.parquet").exists()
+        assert not (storage / BACKTRANSLATED_POOL / f"{shard}.parquet").exists()
 
         CALLS.clear()
-        resumed = dg.materialize(
-            [corpus_documents, backtranslated_pool], selection=[BACKTRANSLATED_POOL],
-            instance=instance, partition_key=shard, run_config=config,
-            resources={**resources, "engine": FaultInjectingEngine()},
-        )  # fmt: skip
+        resumed = materialize(inst, [BACKTRANSLATED_POOL], instance, partition_key=shard,
+                              swap={"engine": FaultInjectingEngine()})  # fmt: skip
     assert resumed.success
     redone = [p for call in CALLS for p in call]
     assert not set(redone) & set(done_before), "a finished batch was generated again"
-    meta = resumed.asset_materializations_for_node(BACKTRANSLATED_POOL)[0].metadata
-    candidates = pl.read_parquet(tmp_path / "storage" / "candidate_responses" / f"{shard}.parquet")
-    pool = pl.read_parquet(tmp_path / "storage" / BACKTRANSLATED_POOL / f"{shard}.parquet")
+    meta = resumed.asset_materializations_for_node(node(inst, BACKTRANSLATED_POOL))[0].metadata
+    candidates = pl.read_parquet(storage / CANDIDATE_RESPONSES / f"{shard}.parquet")
+    pool = pl.read_parquet(storage / BACKTRANSLATED_POOL / f"{shard}.parquet")
     assert (meta["rows_reused"].value, meta["rows_generated"].value) == (6, candidates.height - 6)
     assert pool["doc_id"].to_list() == candidates["id"].to_list()  # every row, in order, once
     assert pool["raw_instruction"].null_count() == 0
-    assert not list((tmp_path / "storage" / ".work" / BACKTRANSLATED_POOL).rglob("part-*"))
+    assert not list((tmp_path / "storage" / ".work").rglob("part-*"))

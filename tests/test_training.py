@@ -6,28 +6,17 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from bft_assets.partitions import CORPUS_SHARDS, RECIPES
+from bft_assets.instance import FINETUNED_CHECKPOINT, REWRITTEN_DATASET, SEED_EXAMPLES, SEED_MODEL
 from bft_assets.prompts import BACKTRANSLATE, SEED_TAG, WEB_TAG
-from bft_assets.seed import seed_examples
-from bft_assets.seed_model import (
-    SEED_MODEL,
-    seed_model,
-    seed_model_checkpoint,
-    seed_training_examples,
-)
-from bft_assets.training import (
-    FINETUNED_CHECKPOINT,
-    assemble_training_set,
-    chat_jsonl,
-    finetuned_checkpoint,
-    generated_pairs,
-)
-from bft_resources.engine import InferenceEngine
-from bft_resources.models import ModelResource
-from bft_resources.seed_source import SeedSource
+from bft_assets.seed_model import seed_training_examples
+from bft_assets.specs import PAPER_RECIPES, RecipeSpec
+from bft_assets.training import assemble_training_set, chat_jsonl, generated_pairs
 from bft_resources.storage import LocalStorage
-from bft_resources.trainer import MANIFEST, Trainer
+from bft_resources.trainer import MANIFEST
 
+from instances import declare, materialize, merged, node
+
+RECIPES = {r.name: r for r in PAPER_RECIPES}
 SEED = pl.DataFrame({"id": ["s1", "s2"], "instruction": ["Say hi.", "Count to two."],
                      "response": ["Hi!", "One, two."], "source": ["x", "x"], "where": ["a", "b"]})  # fmt: skip
 
@@ -40,7 +29,6 @@ def _rewritten(prefix: str = "") -> pl.DataFrame:
         "response": ["web1", "web2", "web3", "web4", "web5"],
         "instruction_flag": [None, None, None, "empty", None],
         "score": [5, 5, 3, None, 5],
-        "passed": [True, True, False, False, True],
         "rewrite": ["rw1", None, "rw3", None, "rw5"],
         "rewrite_status": ["ok", "no_markers", "ok", "not_selected", "ok"],
         "distilled": ["d1", "d2", None, None, "  "],
@@ -58,15 +46,38 @@ def _rewritten(prefix: str = "") -> pl.DataFrame:
     ],
 )
 def test_each_recipe_selects_what_it_must(recipe, expected):
-    pairs = generated_pairs(_rewritten(), recipe)
+    pairs = generated_pairs(_rewritten(), RECIPES[recipe])
     assert list(pairs.select("id", "response").iter_rows()) == expected
+
+
+def test_a_recipe_declared_in_yaml_selects_at_its_own_threshold():
+    at_least_3 = RecipeSpec(name="filtering_3", responses="web", min_score=3)
+    pairs = generated_pairs(_rewritten(), at_least_3)
+    assert pairs["id"].to_list() == ["pass-ok", "pass-fail", "fail-ok", "pass-ok-2"]
+    with pytest.raises(ValueError, match="scores run from 1 to 5"):
+        RecipeSpec(name="x", responses="web", min_score=6)
+
+
+def test_upstream_stages_do_what_the_declared_recipes_need(tmp_path):
+    """rewriting (every pair rewritten) makes rewritten_dataset rewrite all pairs; without
+    it only pairs at the lowest declared threshold are; without a distilled recipe nothing
+    is distilled."""
+    paper = declare(tmp_path, "m")
+    assert paper.rewrite_floor == (True, None) and paper.distill_floor == (True, 5)
+    filtered = declare(tmp_path, "m", recipes=[
+        {"name": "filtering_rewriting", "responses": "rewrite", "min_score": 5},
+        {"name": "fr4", "responses": "rewrite", "min_score": 4}])  # fmt: skip
+    assert filtered.rewrite_floor == (True, 4) and filtered.distill_floor == (False, None)
 
 
 def test_training_set_tags_every_row_by_source_and_samples_deterministically():
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
-    first = assemble_training_set(SEED, rewritten, "filtering", generated_size=7, sample_seed=1)
-    again = assemble_training_set(SEED, rewritten, "filtering", generated_size=7, sample_seed=1)
-    other = assemble_training_set(SEED, rewritten, "filtering", generated_size=7, sample_seed=2)
+    def sampled(seed: int) -> RecipeSpec:
+        return RECIPES["filtering"].model_copy(update={"generated_size": 7, "sample_seed": seed})
+
+    first = assemble_training_set(SEED, rewritten, sampled(1))
+    again = assemble_training_set(SEED, rewritten, sampled(1))
+    other = assemble_training_set(SEED, rewritten, sampled(2))
     assert first.equals(again) and not first.equals(other)
     assert first.filter(pl.col("source") == "generated").height == 7
     seed_rows = first.filter(pl.col("source") == "seed")
@@ -80,9 +91,9 @@ def test_training_set_tags_every_row_by_source_and_samples_deterministically():
 def test_recipes_compare_at_equal_size():
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
     sizes = {
-        r: assemble_training_set(SEED, rewritten, r, 10, 0).height
-        for r in RECIPES
-        if r != "seed_only"
+        r.name: assemble_training_set(SEED, rewritten, r.model_copy(update={"generated_size": 10})).height
+        for r in PAPER_RECIPES
+        if r.responses != "none"
     }
     assert set(sizes.values()) == {12}
 
@@ -100,73 +111,57 @@ def test_seed_model_directions_reverse_the_pairs():
 FAST = {"learning_rate": 3e-3, "max_steps": 4, "batch_size": 4, "dropout": 0.0}
 
 
-def test_seed_model_and_finetuned_checkpoint_materialize(tmp_path, tiny_tokenizer_model):
+def _trainable(tmp_path, model, **overrides):
     seed_file = tmp_path / "seed.jsonl"
     seed_file.write_text("".join(json.dumps(r) + "\n" for r in SEED.to_dicts()))
+    base = {"seed": {"uri": str(seed_file)}, "training": FAST, "engine": {"dtype": "float32"},
+            "trainer": {"micro_batch_size": 2, "log_every": 1}}  # fmt: skip
+    return declare(tmp_path, model, **merged(base, overrides))
+
+
+def test_seed_model_and_finetuned_checkpoint_materialize(tmp_path, tiny_tokenizer_model):
+    inst = _trainable(tmp_path, tiny_tokenizer_model, recipes=[
+        {"name": "filtering_rewriting", "responses": "rewrite", "min_score": 5, "generated_size": 3}])  # fmt: skip
     storage = LocalStorage(root=str(tmp_path / "storage"))
     for shard, prefix in (("s0", "a-"), ("s1", "b-")):
-        storage.write("rewritten_dataset", _rewritten(prefix), partition=shard)
-    model = ModelResource(model=str(tiny_tokenizer_model))
-    resources = {"storage": storage, "seed_source": SeedSource(uri=str(seed_file)), "base_model": model,
-                 "trainer": Trainer(micro_batch_size=2, log_every=1), "engine": InferenceEngine(dtype="float32")}  # fmt: skip
+        storage.write(inst.table(REWRITTEN_DATASET), _rewritten(prefix), partition=shard)
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(CORPUS_SHARDS, ["s0", "s1", "s2"])  # s2 never materialized
-        assert dg.materialize([seed_examples], instance=instance, resources=resources).success
-        trained = dg.materialize([seed_model], instance=instance, resources=resources, partition_key="backward",
-                                 run_config={"ops": {SEED_MODEL: {"config": FAST}}}, raise_on_error=False)  # fmt: skip
-        tuned = dg.materialize([finetuned_checkpoint], instance=instance, resources=resources,
-                               partition_key="filtering_rewriting", raise_on_error=False,
-                               run_config={"ops": {FINETUNED_CHECKPOINT: {"config": {**FAST, "generated_size": 3}}}})  # fmt: skip
+        instance.add_dynamic_partitions(inst.shards.name, ["s0", "s1", "s2"])  # s2 never materialized
+        assert materialize(inst, [SEED_EXAMPLES], instance).success
+        trained = materialize(inst, [SEED_MODEL], instance, partition_key="backward", raise_on_error=False)
+        tuned = materialize(inst, [FINETUNED_CHECKPOINT], instance, partition_key="filtering_rewriting",
+                            raise_on_error=False)  # fmt: skip
     seed_checks = {e.check_name: e for e in trained.get_asset_check_evaluations()}
     assert seed_checks["seed_model_loss_decreased"].passed
-    assert (
-        json.loads((seed_model_checkpoint(storage, "backward") / MANIFEST).read_text())["direction"]
-        == "backward"
-    )
+    checkpoint = storage.fetch_checkpoint(inst.table(SEED_MODEL), "backward")
+    assert json.loads((checkpoint / MANIFEST).read_text())["direction"] == "backward"
 
     checks = {e.check_name: e for e in tuned.get_asset_check_evaluations()}
     for name in ("tagged_prompts", "responses_nonempty", "recipe_size", "loss_decreased"):
         assert checks[f"finetuned_checkpoint_{name}"].passed, name
-    meta = tuned.asset_materializations_for_node(FINETUNED_CHECKPOINT)[0].metadata
-    assert (meta["seed_rows"].value, meta["generated_rows"].value, meta["shards"].value) == (
-        2,
-        3,
-        2,
-    )
-    training_set = pl.read_parquet(
-        tmp_path / "storage" / FINETUNED_CHECKPOINT / "filtering_rewriting.train.parquet"
-    )
+    meta = tuned.asset_materializations_for_node(node(inst, FINETUNED_CHECKPOINT))[0].metadata
+    assert (meta["seed_rows"].value, meta["generated_rows"].value, meta["shards"].value) == (2, 3, 2)
+    folder = tmp_path / "storage" / "t" / FINETUNED_CHECKPOINT
+    training_set = pl.read_parquet(folder / "filtering_rewriting.train.parquet")
     assert set(training_set.filter(pl.col("source") == "generated")["response"]) <= {"rw1", "rw5"}
-    jsonl = (
-        tmp_path / "storage" / FINETUNED_CHECKPOINT / "filtering_rewriting.train.jsonl"
-    ).read_text()
+    jsonl = (folder / "filtering_rewriting.train.jsonl").read_text()
     assert len(jsonl.splitlines()) == training_set.height
-    manifest = json.loads(
-        (tmp_path / "storage" / FINETUNED_CHECKPOINT / "filtering_rewriting" / MANIFEST).read_text()
-    )
+    manifest = json.loads((folder / "filtering_rewriting" / MANIFEST).read_text())
     assert manifest["recipe"] == "filtering_rewriting" and manifest["shards_missing"] == ["s2"]
     assert manifest["rows_by_source"] == {"seed": 2, "generated": 3}
+    assert manifest["recipe_spec"]["min_score"] == 5
 
 
 def test_training_in_a_pipes_subprocess_reports_back_into_the_run(tmp_path, tiny_tokenizer_model):
     """The launcher used over several GPUs (here one process on the CPU): the training
     script runs as a subprocess and its progress and result come back through Dagster Pipes."""
-    seed_file = tmp_path / "seed.jsonl"
-    seed_file.write_text("".join(json.dumps(r) + "\n" for r in SEED.to_dicts()))
-    storage = LocalStorage(root=str(tmp_path / "storage"))
-    resources = {"storage": storage, "seed_source": SeedSource(uri=str(seed_file)),
-                 "base_model": ModelResource(model=str(tiny_tokenizer_model)),
-                 "trainer": Trainer(micro_batch_size=2, log_every=1, launcher="subprocess"),
-                 "engine": InferenceEngine(dtype="float32")}  # fmt: skip
+    inst = _trainable(tmp_path, tiny_tokenizer_model, trainer={"launcher": "subprocess"})
     with dg.instance_for_test() as instance:
-        assert dg.materialize([seed_examples], instance=instance, resources=resources).success
-        result = dg.materialize([seed_model], instance=instance, resources=resources, partition_key="forward",
-                                run_config={"ops": {SEED_MODEL: {"config": FAST}}})  # fmt: skip
+        assert materialize(inst, [SEED_EXAMPLES], instance).success
+        result = materialize(inst, [SEED_MODEL], instance, partition_key="forward")
         logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert any("step 4/4 loss" in line for line in logs), logs[-20:]
-    meta = result.asset_materializations_for_node(SEED_MODEL)[0].metadata
+    meta = result.asset_materializations_for_node(node(inst, SEED_MODEL))[0].metadata
     assert meta["steps"].value == 4 and meta["final_loss"].value < meta["first_loss"].value
-    assert (
-        json.loads((seed_model_checkpoint(storage, "forward") / MANIFEST).read_text())["direction"]
-        == "forward"
-    )
+    checkpoint = LocalStorage(root=str(tmp_path / "storage")).fetch_checkpoint(inst.table(SEED_MODEL), "forward")
+    assert json.loads((checkpoint / MANIFEST).read_text())["direction"] == "forward"
