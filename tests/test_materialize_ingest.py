@@ -9,51 +9,37 @@ import polars as pl
 import pytest
 
 from bft_assets import candidates as c
-from bft_assets.corpus import (
-    CANDIDATE_RESPONSES,
-    candidate_responses,
-    corpus_documents,
-    corpus_shard_sensor,
-    discover_shards,
-)
-from bft_assets.definitions import OBSERVE_CORPUS_JOB, defs
-from bft_assets.partitions import CORPUS_SHARDS
-from bft_assets.seed import SEED_EXAMPLES, seed_examples
+from bft_assets.corpus import discover_shards
+from bft_assets.graph import OBSERVE_CORPUS_JOB, build_instance_defs
+from bft_assets.instance import CANDIDATE_RESPONSES, CORPUS_DOCUMENTS, SEED_EXAMPLES
 from bft_resources.corpus import CorpusSource
-from bft_resources.models import ModelResource
-from bft_resources.seed_source import SeedSource
-from bft_resources.storage import LocalStorage
 
 from conftest import DOLMA, OASST_TREES
+from instances import declare, materialize, node
 
 
-def _resources(tmp_path, corpus_dir, model: ModelResource) -> dict:
-    return {
-        "storage": LocalStorage(root=str(tmp_path / "storage")),
-        "seed_source": SeedSource(uri=str(OASST_TREES)),
-        "corpus": CorpusSource(uri=str(corpus_dir)),
-        "base_model": model,
-    }
+def _instance(tmp_path, corpus_dir, model, **overrides):
+    return declare(tmp_path, model, seed={"uri": str(OASST_TREES)}, corpus={"uri": str(corpus_dir)},
+                   **overrides)  # fmt: skip
 
 
 def _checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
-def _metadata(result, asset: str) -> dict:
-    return {
-        k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()
-    }
+def _metadata(result, inst, asset: str) -> dict:
+    materialization = result.asset_materializations_for_node(node(inst, asset))[0]
+    return {k: v.value for k, v in materialization.metadata.items()}
 
 
 def test_seed_examples_from_real_oasst_trees(tmp_path, shared_data, tiny_tokenizer_model):
-    resources = _resources(tmp_path, tmp_path, ModelResource(model=str(tiny_tokenizer_model)))
+    inst = _instance(tmp_path, tmp_path, tiny_tokenizer_model)
     with dg.instance_for_test() as instance:
-        result = dg.materialize([seed_examples], instance=instance, resources=resources)
+        result = materialize(inst, [SEED_EXAMPLES], instance)
     assert result.success
-    meta = _metadata(result, SEED_EXAMPLES)
-    table = pl.read_parquet(tmp_path / "storage" / "seed_examples.parquet")
-    rejects = pl.read_parquet(tmp_path / "storage" / "seed_examples.rejects.parquet")
+    meta = _metadata(result, inst, SEED_EXAMPLES)
+    table = pl.read_parquet(tmp_path / "storage" / "t" / "seed_examples.parquet")
+    rejects = pl.read_parquet(tmp_path / "storage" / "t" / "seed_examples.rejects.parquet")
     assert meta["rows"] == table.height > 50
     assert meta["records_read"] == 100 == table.height + rejects.height
     assert meta["dropped_root_synthetic"] == 5
@@ -70,23 +56,18 @@ def real_corpus(tmp_path, shared_data):
 
 
 def test_candidate_responses_on_real_dolma_shards_with_smollm2(tmp_path, real_corpus, smollm2):
-    resources = _resources(tmp_path, real_corpus, smollm2)
+    inst = _instance(tmp_path, real_corpus, smollm2.model)
+    corpus = CorpusSource(uri=str(real_corpus))
     with dg.instance_for_test() as instance:
-        keys = discover_shards(resources["corpus"], instance)
-        assert sorted(keys) == sorted(CorpusSource(uri=str(real_corpus)).shard(k).key for k in keys)
+        keys = discover_shards(corpus, instance, inst.shards.name)
+        assert sorted(keys) == sorted(corpus.shard(k).key for k in keys)
         multilingual = "CC-MAIN-20190717121559-20190717143559-00140"
-        result = dg.materialize(
-            [corpus_documents, candidate_responses],
-            instance=instance,
-            resources=resources,
-            partition_key=multilingual,
-        )
+        result = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key=multilingual)
     assert result.success
-    meta = _metadata(result, CANDIDATE_RESPONSES)
-    table = pl.read_parquet(tmp_path / "storage" / CANDIDATE_RESPONSES / f"{multilingual}.parquet")
-    rejects = pl.read_parquet(
-        tmp_path / "storage" / CANDIDATE_RESPONSES / f"{multilingual}.rejects.parquet"
-    )
+    meta = _metadata(result, inst, CANDIDATE_RESPONSES)
+    folder = tmp_path / "storage" / "t" / CANDIDATE_RESPONSES
+    table = pl.read_parquet(folder / f"{multilingual}.parquet")
+    rejects = pl.read_parquet(folder / f"{multilingual}.rejects.parquet")
     assert meta["lines_read"] == 697  # PROVENANCE.md
     assert table.height + rejects.height == 697
     assert meta["rows"] == table.height and meta["lines_dropped"] == rejects.height
@@ -131,20 +112,14 @@ def test_malformed_lines_are_counted_never_fatal(tmp_path, tiny_tokenizer_model)
             doc(id="long", text=" ".join([ENGLISH] * 30)),
         ],
     )
-    model = ModelResource(model=str(tiny_tokenizer_model), context_window=256)  # "long" cannot fit
-    resources = _resources(tmp_path, corpus, model)
+    model = {"model": str(tiny_tokenizer_model), "context_window": 256}  # "long" cannot fit
+    inst = _instance(tmp_path, corpus, model, generation={"backtranslation": {"max_new_tokens": 32}})
     with dg.instance_for_test() as instance:
-        discover_shards(resources["corpus"], instance)
-        result = dg.materialize(
-            [corpus_documents, candidate_responses],
-            instance=instance,
-            resources=resources,
-            partition_key="bad",
-            run_config={"ops": {CANDIDATE_RESPONSES: {"config": {"max_new_tokens": 32}}}},
-        )
+        discover_shards(CorpusSource(uri=str(corpus)), instance, inst.shards.name)
+        result = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key="bad")
     assert result.success
-    meta = _metadata(result, CANDIDATE_RESPONSES)
-    rejects = pl.read_parquet(tmp_path / "storage" / CANDIDATE_RESPONSES / "bad.rejects.parquet")
+    meta = _metadata(result, inst, CANDIDATE_RESPONSES)
+    rejects = pl.read_parquet(tmp_path / "storage" / "t" / CANDIDATE_RESPONSES / "bad.rejects.parquet")
     assert dict(rejects.select("line", "reason").iter_rows()) == {
         3: c.BAD_JSON,
         4: c.BAD_UTF8,
@@ -168,45 +143,40 @@ def test_a_truncated_shard_fails_its_partition_naming_the_file(
     corpus.mkdir()
     data = (DOLMA / "provided_documents_000.json.gz").read_bytes()
     (corpus / "cut.jsonl.gz").write_bytes(data[: len(data) * 2 // 3])
-    resources = _resources(
-        tmp_path, corpus, ModelResource(model=str(tiny_tokenizer_model), context_window=100_000)
-    )
+    inst = _instance(tmp_path, corpus, {"model": str(tiny_tokenizer_model), "context_window": 100_000})
     with dg.instance_for_test() as instance:
-        discover_shards(resources["corpus"], instance)
-        result = dg.materialize(
-            [corpus_documents, candidate_responses],
-            instance=instance,
-            resources=resources,
-            partition_key="cut",
-            raise_on_error=False,
-        )
+        discover_shards(CorpusSource(uri=str(corpus)), instance, inst.shards.name)
+        result = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key="cut",
+                             raise_on_error=False)  # fmt: skip
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert "cut.jsonl.gz: compressed stream broke after line" in str(failure.cause or failure)
-    assert not (tmp_path / "storage" / CANDIDATE_RESPONSES / "cut.parquet").exists()
+    assert not (tmp_path / "storage" / "t" / CANDIDATE_RESPONSES / "cut.parquet").exists()
 
 
 def test_the_sensor_adds_new_shards_and_observation_versions_them(tmp_path, shared_data):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy(DOLMA / "cc_en_head-0091.jsonl.gz", corpus)
+    inst = _instance(tmp_path, corpus, "unused")
+    defs = build_instance_defs(inst)
+    sensor = defs.get_repository_def().get_sensor_def("t__corpus_shard_sensor")
     resource = CorpusSource(uri=str(corpus))
     with dg.instance_for_test() as instance:
-        with dg.build_sensor_context(instance=instance, resources={"corpus": resource}) as context:
-            first = corpus_shard_sensor(context)
+        with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+            first = sensor.evaluate_tick(context)
             assert first.dynamic_partitions_requests[0].partition_keys == ["cc_en_head-0091"]
-            instance.add_dynamic_partitions(CORPUS_SHARDS, ["cc_en_head-0091"])
-            assert corpus_shard_sensor(context).skip_reason
+            instance.add_dynamic_partitions(inst.shards.name, ["cc_en_head-0091"])
+            assert sensor.evaluate_tick(context).skip_message
             shutil.copy(DOLMA / "cc_en_head-0174.jsonl.gz", corpus)
-            assert corpus_shard_sensor(context).dynamic_partitions_requests[0].partition_keys == [
-                "cc_en_head-0174"
-            ]
+            requests = sensor.evaluate_tick(context).dynamic_partitions_requests
+            assert requests[0].partition_keys == ["cc_en_head-0174"]
 
-        discover_shards(resource, instance)
-        observe = defs.resolve_job_def(OBSERVE_CORPUS_JOB)
-        result = observe.execute_in_process(instance=instance, resources={"corpus": resource})
+        discover_shards(resource, instance, inst.shards.name)
+        observe = defs.resolve_job_def(inst.name(OBSERVE_CORPUS_JOB))
+        result = observe.execute_in_process(instance=instance, resources=defs.resources)
         assert result.success
-        records = instance.fetch_observations(dg.AssetKey("corpus_documents"), limit=10).records
+        records = instance.fetch_observations(inst.key(CORPUS_DOCUMENTS), limit=10).records
         versions = {
             r.partition_key: r.asset_observation.tags["dagster/data_version"] for r in records
         }
