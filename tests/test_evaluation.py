@@ -9,28 +9,25 @@ import polars as pl
 import pytest
 
 from bft_assets.evaluation import (
-    EVAL_SCORES,
     LOGPROBS,
     TEXT,
     UNREAD,
     _judge_all,
     combine_orders,
     diversity,
-    eval_scores,
     judgement_key,
     read_verdicts,
     verdict_from_text,
     verdict_reading,
 )
-from bft_assets.partitions import CORPUS_SHARDS
-from bft_assets.training import FINETUNED_CHECKPOINT
-from bft_resources.embeddings import Embedder
+from bft_assets.instance import EVAL_SCORES, FINETUNED_CHECKPOINT, REWRITTEN_DATASET
 from bft_resources.engine import Chat, InferenceEngine
 from bft_resources.engine.endpoint import EndpointError
-from bft_resources.eval_source import EvalSetSource
 from bft_resources.judge import Judge
+from bft_resources.models import ModelResource
 from bft_resources.storage import LocalStorage
 
+from instances import declare, materialize, node
 from servers import FaultInjectingProxy, transformers_serve
 
 
@@ -95,7 +92,8 @@ def test_endpoint_judge_survives_faults_and_keeps_what_it_judged(server, smollm2
     try:
         # The timeout sits well above a real answer's latency: a hung request still reaches
         # the server afterwards and occupies it for a moment.
-        judge = Judge(backend="endpoint", base_url=proxy.url, model=str(smollm2.local_path()), max_concurrency=1,
+        judge = Judge(backend="endpoint", base_url=proxy.url, model=ModelResource(model=str(smollm2.local_path())),
+                      max_concurrency=1,
                       max_retries=4, timeout_s=5.0, retry_backoff_s=0.01)  # fmt: skip
         cache: dict = {}
         saved: list[int] = []
@@ -127,48 +125,41 @@ def test_endpoint_judge_survives_faults_and_keeps_what_it_judged(server, smollm2
 
 @pytest.mark.slow
 def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
+    eval_file = tmp_path / "eval.json"
+    inst = declare(tmp_path, smollm2.model, eval={"uri": str(eval_file), "max_new_tokens": 24, "mauve_texts": 3,
+                                                  "min_agreement": 0.0})  # fmt: skip
     storage = LocalStorage(root=str(tmp_path / "storage"))
     recipe = "filtering"
-    checkpoint = storage.checkpoint_dir(FINETUNED_CHECKPOINT, recipe)
+    checkpoint = storage.checkpoint_dir(inst.table(FINETUNED_CHECKPOINT), recipe)
     shutil.copytree(smollm2.local_path(), checkpoint)  # stands as the recipe's trained model
     (checkpoint / "manifest.json").write_text(
         json.dumps({"recipe": recipe, "base_model": "smollm2"})
     )
-    storage.write(FINETUNED_CHECKPOINT, pl.DataFrame({
+    storage.write(inst.table(FINETUNED_CHECKPOINT), pl.DataFrame({
         "id": ["g1", "g2", "s1"], "source": ["generated", "generated", "seed"],
         "instruction": ["Explain sorting.", "Explain hashing.", "Say hi."], "prompt": ["p", "p", "p"],
         "response": ["Sorting puts items in order by a key.", "Hashing maps data to a fixed-size value.", "Hi!"],
         "recipe": [recipe] * 3,
     }), partition=recipe, suffix="train")  # fmt: skip
-    storage.write("rewritten_dataset", pl.DataFrame({
+    storage.write(inst.table(REWRITTEN_DATASET), pl.DataFrame({
         "doc_id": ["d1", "d2", "d3"], "response": ["A web page about lists.", "Docs on dicts.", "A page on sets."],
         "distilled": ["Lists are ordered.", "Dicts map keys to values.", "Sets hold unique items."],
     }), partition="s0")  # fmt: skip
-    eval_file = tmp_path / "eval.json"
     eval_file.write_text(json.dumps([
         {"instruction": "Name a primary colour.", "output": "Red is a primary colour.", "dataset": "colours"},
         {"instruction": "What is 2 + 2?", "output": "2 + 2 = 4.", "dataset": "maths"},
         {"instruction": "Name a planet.", "output": "Mars.", "dataset": "space"},
     ]))  # fmt: skip
-    resources = {"storage": storage, "engine": InferenceEngine(), "judge": Judge(model=str(smollm2.local_path())),
-                 "eval_set": EvalSetSource(uri=str(eval_file)), "base_model": smollm2, "embedder": Embedder()}  # fmt: skip
-    config = {
-        "ops": {
-            EVAL_SCORES: {"config": {"max_new_tokens": 24, "mauve_texts": 3, "min_agreement": 0.0}}
-        }
-    }
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(CORPUS_SHARDS, ["s0"])
-        first = dg.materialize([eval_scores], instance=instance, resources=resources, partition_key=recipe,
-                               run_config=config)  # fmt: skip
-        again = dg.materialize([eval_scores], instance=instance, resources=resources, partition_key=recipe,
-                               run_config=config)  # fmt: skip
-    table = pl.read_parquet(tmp_path / "storage" / EVAL_SCORES / f"{recipe}.parquet")
+        instance.add_dynamic_partitions(inst.shards.name, ["s0"])
+        first = materialize(inst, [EVAL_SCORES], instance, partition_key=recipe)
+        again = materialize(inst, [EVAL_SCORES], instance, partition_key=recipe)
+    table = pl.read_parquet(tmp_path / "storage" / "t" / EVAL_SCORES / f"{recipe}.parquet")
     assert table.height == 6  # 3 instructions x 2 suffixes
     assert table["preference"].is_between(0, 1).all() and (table["read_by"] == LOGPROBS).all()
     meta = {
         k: v.value
-        for k, v in first.asset_materializations_for_node(EVAL_SCORES)[0].metadata.items()
+        for k, v in first.asset_materializations_for_node(node(inst, EVAL_SCORES))[0].metadata.items()
     }
     assert (
         0 <= meta["win_rate"] <= 100
@@ -179,5 +170,5 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
     assert "| filtering |" in meta["recipes"]
     checks = {e.check_name: e.passed for e in first.get_asset_check_evaluations()}
     assert checks["eval_scores_all_judged"] and checks["eval_scores_preferences_in_range"]
-    again_meta = again.asset_materializations_for_node(EVAL_SCORES)[0].metadata
+    again_meta = again.asset_materializations_for_node(node(inst, EVAL_SCORES))[0].metadata
     assert again_meta["judgements_reused"].value == 6  # nothing re-judged that did not change
