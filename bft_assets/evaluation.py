@@ -309,8 +309,7 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
               dg.AssetDep(inst.key(REWRITTEN_DATASET), partition_mapping=dg.AllPartitionMapping())],
         group_name="evaluation",
         **inst.gpu_args(inst.engine.tensor_parallel_size),
-        code_version=f"judge={JUDGE.version};eval-v1;{digest(config, inst.judge, inst.judge_model)};"
-        f"shards={inst.shard_stages_digest()}",
+        code_version=f"judge={JUDGE.version};eval-v1;{digest(config, inst.judge, inst.judge_model)}",
         check_specs=[rule.spec(key) for rule in EVAL_RULES]
         + [
             dg.AssetCheckSpec(CHECK_ALL_JUDGED, asset=key, blocking=True,

@@ -16,7 +16,12 @@ from typing import Any
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN, REBUILD_STALE, gpu_op_tags
+from bft_assets.policies import (
+    GPU_POOL,
+    ONE_PARTITION_PER_RUN,
+    REBUILD_STALE,
+    gpu_op_tags,
+)
 from bft_assets.specs import (
     DEMO_DATA,
     CorpusSpec,
@@ -192,15 +197,6 @@ class BftInstance:
             return []
         mapping = dg.SpecificPartitionsPartitionMapping([direction])
         return [dg.AssetDep(self.seed_model_key(), partition_mapping=mapping)]
-
-    def shard_stages_digest(self) -> str:
-        """The declared settings of the per-shard stages. The assets that read every shard
-        (finetuned_checkpoint, eval_scores) carry it in their code version: Dagster's stale
-        status does not follow a dependency on all partitions, so a changed rewriter would
-        otherwise leave them fresh."""
-        sources = [self.stage_model_reference(d) for d in DIRECTIONS]
-        return digest(self.corpus.model_dump(exclude={"uri"}), self.models, sources, self.generation,
-                      self.rewrite_floor, self.distill_floor)  # fmt: skip
 
     # ---- decorator arguments shared by every asset -------------------------------------
 

@@ -147,8 +147,7 @@ def build_finetuned_checkpoint(inst: BftInstance) -> dg.AssetsDefinition:
         deps=[inst.key(SEED_EXAMPLES), dg.AssetDep(inst.key(REWRITTEN_DATASET), partition_mapping=dg.AllPartitionMapping())],
         group_name="training",
         **inst.gpu_args(inst.trainer.num_gpus),
-        code_version=f"{training_version(inst, settings)};tags={SEED_TAG}|{WEB_TAG};"
-        f"recipes={digest(inst.recipes)};shards={inst.shard_stages_digest()}",
+        code_version=f"{training_version(inst, settings)};tags={SEED_TAG}|{WEB_TAG};recipes={digest(inst.recipes)}",
         check_specs=[rule.spec(key) for rule in TRAINING_SET_RULES]
         + [
             dg.AssetCheckSpec(CHECK_FT_LOSS, asset=key, blocking=True,

@@ -1,62 +1,60 @@
 """Declarative automation: which partitions the rebuild_stale condition selects, evaluated
 by Dagster's own evaluator against a real instance that holds the history of a built graph."""
 
+from dataclasses import replace
+
 import dagster as dg
 import pytest
+from instances import partitions_of, record_built
 
-from bft_assets.definitions import defs
-from bft_assets.generation import generation_stage
-from bft_assets.partitions import CORPUS_SHARDS, recipes
-from bft_assets.policies import AUTOMATION_SENSOR, ONE_PARTITION_PER_RUN, REBUILD_STALE
+from bft_assets.definitions import declared_instances, defs
+from bft_assets.graph import build_assets
+from bft_assets.policies import (
+    AUTOMATION_SENSOR,
+    ONE_PARTITION_PER_RUN,
+    REBUILD_STALE,
+)
 from bft_assets.prompts import SCORE, Prompt
-from bft_assets.scoring import SCORE_SAMPLING, SCORED_POOL
+from bft_assets.specs import ModelSpec
 
 SHARDS = ["s0", "s1", "s2"]
-RECIPES = recipes.get_partition_keys()
+SHARD_SET = "demo__corpus_shards"
+RECIPES = ["seed_only", "filtering", "rewriting", "filtering_rewriting", "filtering_distilling"]
 PER_SHARD = ["candidate_responses", "backtranslated_pool", "scored_pool", "rewritten_dataset"]
+SCORED_POOL = "scored_pool"
 
 
-def _assets(score_prompt: Prompt = SCORE) -> list:
-    """The real assets; scored_pool takes the code version it would have with this prompt."""
-    version = generation_stage(score_prompt.version, SCORE_SAMPLING, "BFT_FORWARD_MODEL")[
-        "code_version"
-    ]
-    return [
-        a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version))
-        if isinstance(a, dg.AssetsDefinition) and a.key == dg.AssetKey(SCORED_POOL)
-        else a
-        for a in defs.assets
-    ]
+def _key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["demo", name])
+
+
+def _assets(score_prompt: Prompt = SCORE, rewriter: str | None = None) -> list:
+    """The real assets, with the code versions they would have with this scoring prompt or
+    with another rewriter declared (the demo's declared rewriter is the embedded model)."""
+    (inst,) = declared_instances().values()
+    if rewriter is not None:
+        models = inst.models.model_copy(update={"rewriter": ModelSpec(model=rewriter)})
+        changed = {a.key: a for a in build_assets(replace(inst, models=models))}
+    else:
+        changed = {}
+
+    def edited(spec: dg.AssetSpec) -> dg.AssetSpec:
+        if spec.key in changed:
+            return spec.replace_attributes(code_version=changed[spec.key].specs_by_key[spec.key].code_version)
+        version = spec.code_version.replace(SCORE.version, score_prompt.version)
+        return spec.replace_attributes(code_version=version)
+
+    return [a.map_asset_specs(edited) if isinstance(a, dg.AssetsDefinition) else a for a in defs.assets]
 
 
 def _materializable() -> list[dg.AssetsDefinition]:
     return [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.is_materializable]
 
 
-def _partitions(asset: dg.AssetsDefinition, instance: dg.DagsterInstance) -> list[str | None]:
-    if asset.partitions_def is None:
-        return [None]
-    return list(asset.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
-
-
-def _built(instance, key: str, partition: str | None, checks_pass: bool = True) -> None:
-    """Record a run that materialized the partition and ran its checks, with the asset's own
-    key, dependencies, code version and check specs, but without loading any model: the
-    automation reads only this history."""
-    asset = next(a for a in _materializable() if a.key == dg.AssetKey(key))
-
-    @dg.multi_asset(specs=list(asset.specs), check_specs=list(asset.check_specs),
-                    partitions_def=asset.partitions_def, name=f"record_{key}")  # fmt: skip
-    def record(context: dg.AssetExecutionContext):
-        yield dg.MaterializeResult(asset_key=asset.key)
-        for check in asset.check_specs:
-            yield dg.AssetCheckResult(asset_key=check.asset_key, check_name=check.name,
-                                      passed=checks_pass or not check.blocking)  # fmt: skip
-
-    result = dg.materialize(
-        [record], instance=instance, partition_key=partition, raise_on_error=False
-    )
-    assert result.success == checks_pass or not any(c.blocking for c in asset.check_specs)
+def _built(instance, name: str, partition: str | None, checks_pass: bool = True) -> None:
+    asset = next(a for a in _materializable() if a.key == _key(name))
+    succeeded = record_built(instance, asset, partition, checks_pass)
+    assert succeeded == checks_pass or not any(c.blocking for c in asset.check_specs)
 
 
 class Ticks:
@@ -73,7 +71,7 @@ class Ticks:
         )
         self.cursor = result.cursor
         return {
-            (asset.key.to_user_string(), partition)
+            (asset.key.path[-1], partition)
             for asset in _materializable()
             for partition in result.get_requested_partitions(asset.key)
         }
@@ -83,15 +81,15 @@ class Ticks:
 def built_graph():
     """An instance whose history says every partition of the graph is built and checked."""
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(CORPUS_SHARDS, SHARDS)
+        instance.add_dynamic_partitions(SHARD_SET, SHARDS)
         for shard in SHARDS:
             instance.report_runless_asset_event(
-                dg.AssetObservation("corpus_documents", partition=shard,
+                dg.AssetObservation(_key("corpus_documents"), partition=shard,
                                     tags={"dagster/data_version": f"v-{shard}"})
             )  # fmt: skip
         for asset in _materializable():
-            for partition in _partitions(asset, instance):
-                _built(instance, asset.key.to_user_string(), partition)
+            for partition in partitions_of(asset, instance):
+                _built(instance, asset.key.path[-1], partition)
         ticks = Ticks(instance)
         assert ticks(_assets()) == set()  # a built graph has nothing to rebuild
         yield instance, ticks
@@ -122,11 +120,24 @@ def test_a_prompt_change_selects_exactly_the_dependent_partitions(built_graph):
     }
 
 
+def test_a_new_rewriter_rebuilds_the_rewrites_first_then_the_recipes(built_graph):
+    instance, tick = built_graph
+    assets = _assets(rewriter="meta-llama/Llama-2-70b-chat-hf")
+    # The judge defaults to the rewriter: eval_scores' own code version changed too, so it
+    # is requested with the rewrites; the recipes retrain once the rewrites have landed.
+    assert tick(assets) == {("rewritten_dataset", s) for s in SHARDS} | {("eval_scores", r) for r in RECIPES}
+    assert tick(assets) == set()
+    for shard in SHARDS:
+        _built(instance, "rewritten_dataset", shard)
+    assert tick(assets) == {(a, r) for a in ("finetuned_checkpoint", "eval_scores") for r in RECIPES}
+    assert tick(assets) == set()
+
+
 def test_a_new_shard_builds_only_its_own_partitions(built_graph):
     instance, tick = built_graph
-    instance.add_dynamic_partitions(CORPUS_SHARDS, ["s3"])
+    instance.add_dynamic_partitions(SHARD_SET, ["s3"])
     instance.report_runless_asset_event(
-        dg.AssetObservation("corpus_documents", partition="s3", tags={"dagster/data_version": "v"})
+        dg.AssetObservation(_key("corpus_documents"), partition="s3", tags={"dagster/data_version": "v"})
     )
     requested = tick(_assets())
     per_shard = {(a, p) for a, p in requested if a in PER_SHARD}
@@ -141,5 +152,8 @@ def test_policies_are_declared_on_every_pipeline_asset():
         assert conditions == {REBUILD_STALE}, asset.key
         if asset.partitions_def is not None:
             assert asset.backfill_policy == ONE_PARTITION_PER_RUN, asset.key
-    sensor = defs.get_repository_def().get_sensor_def(AUTOMATION_SENSOR)
+    repo = defs.get_repository_def()
+    sensor = repo.get_sensor_def(f"demo__{AUTOMATION_SENSOR}")
     assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    # It targets this instance's assets only, never a host's.
+    assert sensor.asset_selection.resolve(repo.asset_graph) == {a.key for a in _materializable()}

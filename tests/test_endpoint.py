@@ -4,6 +4,7 @@ injected by a proxy in front of it."""
 import dagster as dg
 import polars as pl
 import pytest
+from instances import declare, materialize, node
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
@@ -12,7 +13,6 @@ from bft_resources.corpus import CorpusSource
 from bft_resources.engine import Chat, InferenceEngine, LogprobsUnavailable, Sampling
 from bft_resources.engine.endpoint import EndpointError
 
-from instances import declare, materialize, node
 from servers import FaultInjectingProxy, transformers_serve
 
 pytestmark = pytest.mark.slow

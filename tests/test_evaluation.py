@@ -7,6 +7,7 @@ import shutil
 import dagster as dg
 import polars as pl
 import pytest
+from instances import declare, materialize, node
 
 from bft_assets.evaluation import (
     LOGPROBS,
@@ -27,7 +28,6 @@ from bft_resources.judge import Judge
 from bft_resources.models import ModelResource
 from bft_resources.storage import LocalStorage
 
-from instances import declare, materialize, node
 from servers import FaultInjectingProxy, transformers_serve
 
 

@@ -4,11 +4,12 @@ import json
 
 import polars as pl
 import pytest
+from instances import declare
 
 from bft_assets.cli import main
 from bft_assets.export import export_recipe
+from bft_assets.instance import FINETUNED_CHECKPOINT
 from bft_assets.prompts import SEED_TAG, WEB_TAG
-from bft_assets.training import FINETUNED_CHECKPOINT
 from bft_resources.engine import Chat, InferenceEngine, Sampling
 from bft_resources.storage import LocalStorage
 from bft_resources.trainer import Hyperparameters, TrainingExample, train
@@ -21,23 +22,29 @@ TRAINING_SET = pl.DataFrame({
 
 
 @pytest.fixture
-def exported_storage(tmp_path, tiny_tokenizer_model):
+def inst(tmp_path, tiny_tokenizer_model):
+    return declare(tmp_path, tiny_tokenizer_model)
+
+
+@pytest.fixture
+def exported_storage(tmp_path, tiny_tokenizer_model, inst):
     storage = LocalStorage(root=str(tmp_path / "storage"))
-    storage.write(FINETUNED_CHECKPOINT, TRAINING_SET, partition="filtering", suffix="train")
+    table = inst.table(FINETUNED_CHECKPOINT)
+    storage.write(table, TRAINING_SET, partition="filtering", suffix="train")
     examples = [
         TrainingExample(p, r, s)
         for p, r, s in TRAINING_SET.select("prompt", "response", "source").iter_rows()
     ]
-    train(str(tiny_tokenizer_model), examples, str(storage.checkpoint_dir(FINETUNED_CHECKPOINT, "filtering")),
+    train(str(tiny_tokenizer_model), examples, str(storage.checkpoint_dir(table, "filtering")),
           Hyperparameters(max_steps=1, batch_size=2, micro_batch_size=2), base_reference="tiny")  # fmt: skip
     return storage
 
 
-def test_export_writes_every_format_and_a_loadable_model(exported_storage, tmp_path):
+def test_export_writes_every_format_and_a_loadable_model(exported_storage, inst, tmp_path):
     from datasets import load_from_disk
 
     out = tmp_path / "export"
-    written = export_recipe(exported_storage, "filtering", out)
+    written = export_recipe(inst, exported_storage, "filtering", out)
     dataset = load_from_disk(written["datasets"])
     assert dataset.num_rows == 2 and dataset[1]["messages"][0]["content"].endswith(WEB_TAG)
     lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
@@ -50,13 +57,21 @@ def test_export_writes_every_format_and_a_loadable_model(exported_storage, tmp_p
     assert reply.prompt_tokens > 0
 
 
-def test_export_of_an_untrained_recipe_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"materialize finetuned_checkpoint\[rewriting\]"):
-        export_recipe(LocalStorage(root=str(tmp_path)), "rewriting", tmp_path / "out")
+def test_export_of_an_untrained_recipe_is_a_clear_error(tmp_path, inst):
+    with pytest.raises(FileNotFoundError, match=r"materialize t/finetuned_checkpoint\[rewriting\]"):
+        export_recipe(inst, LocalStorage(root=str(tmp_path)), "rewriting", tmp_path / "out")
+    with pytest.raises(KeyError, match="no recipe 'nope'"):
+        export_recipe(inst, LocalStorage(root=str(tmp_path)), "nope", tmp_path / "out")
 
 
-def test_the_cli_exports(exported_storage, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("BFT_STORAGE", str(tmp_path / "storage"))
-    main(["export", "filtering", str(tmp_path / "cli-export")])
+def test_the_cli_exports_from_the_declared_demo_instance(tmp_path, monkeypatch, capsys, tiny_tokenizer_model):
+    monkeypatch.setenv("BFT_STORAGE", str(tmp_path / "storage"))  # read by the demo's defs.yaml
+    demo = declare(tmp_path, tiny_tokenizer_model, prefix="demo")
+    storage = LocalStorage(root=str(tmp_path / "storage"))
+    storage.write(demo.table(FINETUNED_CHECKPOINT), TRAINING_SET, partition="filtering", suffix="train")
+    examples = [TrainingExample(p, r, s) for p, r, s in TRAINING_SET.select("prompt", "response", "source").iter_rows()]
+    train(str(tiny_tokenizer_model), examples, str(storage.checkpoint_dir(demo.table(FINETUNED_CHECKPOINT), "filtering")),
+          Hyperparameters(max_steps=1, batch_size=2, micro_batch_size=2), base_reference="tiny")  # fmt: skip
+    main(["export", "filtering", str(tmp_path / "cli-export"), "--instance", "demo"])
     assert "datasets:" in capsys.readouterr().out
     assert (tmp_path / "cli-export" / "model" / "manifest.json").exists()

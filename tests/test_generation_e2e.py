@@ -4,6 +4,7 @@ Llama for the generate-mode scoring path."""
 import dagster as dg
 import polars as pl
 import pytest
+from instances import declare, materialize, node
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
@@ -17,8 +18,6 @@ from bft_assets.instance import (
 from bft_assets.rewriting import NOT_SELECTED, OK, REWRITE_STATUSES, TRUNCATED
 from bft_assets.scoring import NO_SCORE
 from bft_resources.corpus import CorpusSource
-
-from instances import declare, materialize, node
 
 STAGES = [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES, BACKTRANSLATED_POOL, SCORED_POOL, REWRITTEN_DATASET]
 

@@ -7,6 +7,7 @@ import shutil
 import dagster as dg
 import polars as pl
 import pytest
+from instances import declare, materialize, node
 
 from bft_assets import candidates as c
 from bft_assets.corpus import discover_shards
@@ -15,7 +16,6 @@ from bft_assets.instance import CANDIDATE_RESPONSES, CORPUS_DOCUMENTS, SEED_EXAM
 from bft_resources.corpus import CorpusSource
 
 from conftest import DOLMA, OASST_TREES
-from instances import declare, materialize, node
 
 
 def _instance(tmp_path, corpus_dir, model, **overrides):

@@ -4,11 +4,9 @@ import shutil
 
 import dagster as dg
 import pytest
+from instances import declare, materialize
 
-from bft_assets.demo import demo_seed_path
-from bft_assets.seed import SEED_EXAMPLES, seed_examples
-from bft_resources.seed_source import SeedSource
-from bft_resources.storage import LocalStorage
+from bft_assets.instance import SEED_EXAMPLES
 
 from conftest import REPO
 from servers import PG_BIN, private_postgres
@@ -32,24 +30,21 @@ def test_materializations_are_recorded_in_postgres(postgres, tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "postgres" / "dagster.yaml", home / "dagster.yaml")
-    resources = {
-        "storage": LocalStorage(root=str(tmp_path / "storage")),
-        "seed_source": SeedSource(uri=str(demo_seed_path())),
-    }
+    inst = declare(tmp_path, "unused")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
-        result = dg.materialize([seed_examples], instance=instance, resources=resources)
+        result = materialize(inst, [SEED_EXAMPLES], instance)
         assert result.success
         logs = "\n".join(str(e) for e in instance.all_logs(result.run_id))
 
     # A second process (here: a second instance) sees the run and its checks in the database.
     with dg.DagsterInstance.from_config(str(home)) as again:
         assert again.get_run_by_id(result.run_id).is_success
-        event = again.get_latest_materialization_event(dg.AssetKey(SEED_EXAMPLES))
+        event = again.get_latest_materialization_event(inst.key(SEED_EXAMPLES))
         assert event is not None and event.run_id == result.run_id
         checks = again.event_log_storage.get_latest_asset_check_execution_by_key(
-            [dg.AssetCheckKey(dg.AssetKey(SEED_EXAMPLES), "seed_examples_ids_unique")]
+            [dg.AssetCheckKey(inst.key(SEED_EXAMPLES), "seed_examples_ids_unique")]
         )
         assert len(checks) == 1
     assert PASSWORD not in logs

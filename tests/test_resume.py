@@ -4,14 +4,13 @@ import contextlib
 
 import dagster as dg
 import polars as pl
+from instances import declare, materialize, node
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
 from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES, CORPUS_DOCUMENTS
 from bft_resources.corpus import CorpusSource
 from bft_resources.engine import InferenceEngine
-
-from instances import declare, materialize, node
 
 CALLS: list[list[str]] = []
 

@@ -5,6 +5,7 @@ import json
 import dagster as dg
 import polars as pl
 import pytest
+from instances import declare, materialize, merged, node
 
 from bft_assets.instance import FINETUNED_CHECKPOINT, REWRITTEN_DATASET, SEED_EXAMPLES, SEED_MODEL
 from bft_assets.prompts import BACKTRANSLATE, SEED_TAG, WEB_TAG
@@ -13,8 +14,6 @@ from bft_assets.specs import PAPER_RECIPES, RecipeSpec
 from bft_assets.training import assemble_training_set, chat_jsonl, generated_pairs
 from bft_resources.storage import LocalStorage
 from bft_resources.trainer import MANIFEST
-
-from instances import declare, materialize, merged, node
 
 RECIPES = {r.name: r for r in PAPER_RECIPES}
 SEED = pl.DataFrame({"id": ["s1", "s2"], "instruction": ["Say hi.", "Count to two."],
