@@ -108,6 +108,8 @@ class TransformersModel(LoadedModel):
         ).to(self.device)
 
     def generate(self, chats: Sequence[Chat], sampling: Sampling) -> list[Generation]:
+        if not chats:  # a stage with nothing to do still asks, for its output's columns
+            return []
         prompts = [render(self.tokenizer, c, self.fallback) for c in chats]
         lengths = [
             len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -165,6 +167,8 @@ class TransformersModel(LoadedModel):
     def option_logprobs(
         self, chats: Sequence[Chat], options: Sequence[str]
     ) -> list[dict[str, float]]:
+        if not chats:
+            return []
         prompts = [render(self.tokenizer, c, self.fallback) for c in chats]
         variants = option_token_ids(self.tokenizer, options)
         lengths = [len(p) for p in prompts]

@@ -66,6 +66,8 @@ class VllmModel(LoadedModel):
         return self._vllm.SamplingParams(**(fields | overrides))
 
     def generate(self, chats: Sequence[Chat], sampling: Sampling) -> list[Generation]:
+        if not chats:
+            return []
         prompts = [render(self.tokenizer, c, self.fallback) for c in chats]
         outputs = self.llm.generate(prompts, self._params(sampling), use_tqdm=False)
         return [
