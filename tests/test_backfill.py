@@ -14,21 +14,17 @@ import polars as pl
 import pytest
 
 from bft_assets.demo import write_demo_corpus
-from bft_assets.seed import seed_examples
-from bft_assets.seed_model import SEED_MODEL, seed_model
-from bft_resources.engine import InferenceEngine
-from bft_resources.models import ModelResource
-from bft_resources.seed_source import SeedSource
-from bft_resources.storage import LocalStorage
-from bft_resources.trainer import Trainer
+from bft_assets.instance import SEED_EXAMPLES, SEED_MODEL
 
 from conftest import REPO
+from instances import declare, materialize
 from servers import dagster_dev, graphql
 
 pytestmark = pytest.mark.slow
 
 SHARDS = ["stdlib-docs-0000", "stdlib-docs-0001", "stdlib-docs-0002"]
 GPU_STEP = "backtranslated_pool"
+GPU_STEP_KEY = "demo__backtranslated_pool"
 RANGE = "dagster/asset_partition_range"
 LAUNCH = """
 mutation Launch($params: LaunchBackfillParams!) {
@@ -47,15 +43,13 @@ query Status($id: String!) {
 
 
 def _train_backward_model(home: Path, model: Path) -> None:
-    """backtranslated_pool reads seed_model[backward]: train it first (a few steps)."""
-    resources = {"storage": LocalStorage(root=str(home / "storage")), "base_model": ModelResource(model=str(model)),
-                 "seed_source": SeedSource(uri=str(REPO / "bft_assets" / "demo" / "seed_pairs.jsonl")),
-                 "trainer": Trainer(), "engine": InferenceEngine(dtype="float32")}  # fmt: skip
-    config = {"ops": {SEED_MODEL: {"config": {"max_steps": 2, "batch_size": 4}}}}
+    """backtranslated_pool reads seed_model[backward]: train it first (a few steps), into the
+    demo instance's storage."""
+    inst = declare(home, model, prefix="demo", training={"max_steps": 2, "batch_size": 4},
+                   engine={"dtype": "float32"})  # fmt: skip
     with dg.instance_for_test() as instance:
-        assert dg.materialize([seed_examples], instance=instance, resources=resources).success
-        assert dg.materialize([seed_model], instance=instance, resources=resources,
-                              partition_key="backward", run_config=config).success  # fmt: skip
+        assert materialize(inst, [SEED_EXAMPLES], instance).success
+        assert materialize(inst, [SEED_MODEL], instance, partition_key="backward").success
 
 
 def _run_spans(instance, run_ids) -> list[tuple[float, float]]:
@@ -109,8 +103,7 @@ def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tok
     with dagster_dev(REPO / "workspace.yaml", env, home / "dagster-dev.log") as url:
         launched = graphql(url, LAUNCH, {"params": {
             "partitionNames": SHARDS,
-            "assetSelection": [{"path": ["candidate_responses"]}, {"path": [GPU_STEP]}],
-            "runConfigData": {"ops": {GPU_STEP: {"config": {"max_new_tokens": 16}}}},
+            "assetSelection": [{"path": ["demo", "candidate_responses"]}, {"path": ["demo", GPU_STEP]}],
         }})["launchPartitionBackfill"]  # fmt: skip
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         backfill = launched["backfillId"]
@@ -138,13 +131,13 @@ def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tok
             if e.message and "blocked by limit for pool gpu" in e.message
         ]
         at_once = _most_at_once(_run_spans(instance, run_ids))
-        gpu_at_once = _most_at_once(_step_spans(instance, run_ids, GPU_STEP))
+        gpu_at_once = _most_at_once(_step_spans(instance, run_ids, GPU_STEP_KEY))
     assert at_once == 2, at_once  # in parallel, up to max_concurrent_runs and no further
     assert gpu_at_once == 1, gpu_at_once  # never two steps of the gpu pool at once
     assert waited  # and a step did have to wait for the pool
 
     for shard in SHARDS:  # each shard's output is its own, whole
-        candidates = pl.read_parquet(home / "storage" / "candidate_responses" / f"{shard}.parquet")
-        pool = pl.read_parquet(home / "storage" / GPU_STEP / f"{shard}.parquet")
+        candidates = pl.read_parquet(home / "storage" / "demo" / "candidate_responses" / f"{shard}.parquet")
+        pool = pl.read_parquet(home / "storage" / "demo" / GPU_STEP / f"{shard}.parquet")
         assert candidates.height > 0 and pool["doc_id"].to_list() == candidates["id"].to_list()
         assert (candidates["shard"] == shard).all()

@@ -16,10 +16,12 @@ import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 
-from bft_assets.definitions import build_resources, defs, step_executor
-from bft_assets.policies import ECS_CONTAINER_TAG, gpu_op_tags
+from bft_assets.definitions import defs, step_executor
+from bft_assets.graph import build_instance_defs
+from bft_assets.policies import ECS_CONTAINER_TAG, GPUS_TAG, gpu_op_tags
 
 from conftest import REPO
+from instances import declare
 
 DEPLOY = REPO / "deploy"
 GPU_ASSETS = {"seed_model", "backtranslated_pool", "scored_pool", "rewritten_dataset",
@@ -75,7 +77,7 @@ def test_gpu_stages_ask_for_gpus_in_their_step_pods_and_cpu_stages_do_not():
             continue
         container = _step_job(dict(asset.op.tags)).spec.template.spec.containers[0]
         limits = (container.resources.limits or {}) if container.resources else {}
-        name = asset.key.to_user_string()
+        name = asset.key.path[-1]
         assert limits.get("nvidia.com/gpu") == ("1" if name in GPU_ASSETS else None), name
         if name in GPU_ASSETS:
             ecs = json.loads(asset.op.tags[ECS_CONTAINER_TAG])
@@ -86,29 +88,32 @@ def test_gpu_stages_ask_for_gpus_in_their_step_pods_and_cpu_stages_do_not():
     assert pod.tolerations[0].key == "nvidia.com/gpu"
 
 
-def test_gpu_settings_drive_both_the_request_and_the_software(monkeypatch):
-    monkeypatch.setenv("BFT_INFERENCE_GPUS", "4")
-    monkeypatch.setenv("BFT_TRAINING_GPUS", "8")
-    resources = build_resources()
-    assert resources["engine"].tensor_parallel_size == 4  # vLLM spreads one model over 4
-    assert resources["trainer"].num_gpus == 8  # accelerate launch --num_processes 8
+def test_declared_gpus_drive_both_the_request_and_the_software(tmp_path):
+    inst = declare(tmp_path, "m", engine={"backend": "vllm", "tensor_parallel_size": 4},
+                   trainer={"num_gpus": 8})  # fmt: skip
+    declared = build_instance_defs(inst)
+    resources = declared.resources
+    assert resources["t__engine"].tensor_parallel_size == 4  # vLLM spreads one model over 4
+    assert resources["t__trainer"].num_gpus == 8  # accelerate launch --num_processes 8
+    tags = {a.key.path[-1]: a.op.tags.get(GPUS_TAG) for a in declared.assets if isinstance(a, dg.AssetsDefinition)}
+    assert tags["backtranslated_pool"] == "4" and tags["eval_scores"] == "4"
+    assert tags["seed_model"] == "8" and tags["finetuned_checkpoint"] == "8"
+    assert tags["seed_examples"] is None and tags["candidate_responses"] is None
 
 
-def test_the_executor_follows_bft_executor(monkeypatch):
+def test_the_executor_is_the_code_locations_choice_not_an_instances(tmp_path):
     from dagster_aws.ecs import ecs_executor
     from dagster_k8s import k8s_job_executor
 
-    assert step_executor() is None  # multiprocess: Dagster's default
+    assert build_instance_defs(declare(tmp_path, "m")).executor is None  # the component sets none
+    assert step_executor("multiprocess") is None  # Dagster's default
     for kind, executor in (("k8s", k8s_job_executor), ("ecs", ecs_executor),
                            ("in_process", dg.in_process_executor)):  # fmt: skip
-        monkeypatch.setenv("BFT_EXECUTOR", kind)
-        assert step_executor() is executor
-        with_executor = dg.Definitions(assets=defs.assets, resources=defs.resources,
-                                       executor=step_executor())  # fmt: skip
+        assert step_executor(kind) is executor
+        with_executor = dg.Definitions(assets=defs.assets, resources=defs.resources, executor=executor)
         dg.Definitions.validate_loadable(with_executor)
-    monkeypatch.setenv("BFT_EXECUTOR", "slurm")
     with pytest.raises(ValueError, match="BFT_EXECUTOR='slurm': use multiprocess, in_process"):
-        step_executor()
+        step_executor("slurm")
 
 
 def test_the_dockerfile_lints_and_copies_what_exists():
