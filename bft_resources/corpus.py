@@ -47,7 +47,7 @@ def shard_key(relative: str) -> str:
 
 
 class CorpusSource(dg.ConfigurableResource):
-    """A folder of Dolma-format shards (``BFT_CORPUS_URI``), local or ``s3://bucket/prefix``;
+    """A folder of Dolma-format shards, local or ``s3://bucket/prefix``;
     one shard, one partition."""
 
     uri: str = Field(
@@ -65,7 +65,7 @@ class CorpusSource(dg.ConfigurableResource):
     def _root(self) -> Path:
         if "://" in self.uri and not self.uri.startswith("file://"):
             raise ValueError(
-                f"BFT_CORPUS_URI={self.uri!r}: use a local folder or s3://bucket/prefix"
+                f"corpus {self.uri!r}: use a local folder or s3://bucket/prefix"
             )
         return Path(self.uri.removeprefix("file://")).expanduser().resolve()
 
@@ -79,7 +79,7 @@ class CorpusSource(dg.ConfigurableResource):
     def _list_local(self) -> list[Shard]:
         root = self._root
         if not root.is_dir():
-            raise FileNotFoundError(f"corpus folder {root} does not exist (BFT_CORPUS_URI)")
+            raise FileNotFoundError(f"corpus folder {root} does not exist")
         return [
             Shard(shard_key(relative), str(path), path.stat().st_size)
             for path in sorted(root.rglob("*"))

@@ -12,13 +12,13 @@ from pydantic import Field
 
 
 class EvalSetSource(dg.ConfigurableResource):
-    uri: str = Field(description="AlpacaEval JSON list or JSONL file (BFT_EVAL_URI).")
+    uri: str = Field(description="AlpacaEval JSON list or JSONL file.")
     limit: int | None = Field(default=None, description="Evaluate the first N instructions only.")
 
     def read(self) -> pl.DataFrame:
         path = Path(self.uri).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"evaluation set {path} does not exist (BFT_EVAL_URI)")
+            raise FileNotFoundError(f"evaluation set {path} does not exist (the instance's eval.uri)")
         text = path.read_text(encoding="utf-8")
         rows = (
             json.loads(text)

@@ -15,7 +15,7 @@ SEED_SUFFIXES = frozenset({".jsonl", ".json", ".parquet"})
 
 
 class SeedSource(dg.ConfigurableResource):
-    """Where the seed set lives (``BFT_SEED_URI``): a file or a folder of files."""
+    """Where the seed set lives: a file or a folder of files."""
 
     uri: str = Field(
         description="An oasst *.trees.jsonl file, a flat pairs JSONL/Parquet file, or a folder of them."
@@ -29,7 +29,7 @@ class SeedSource(dg.ConfigurableResource):
                 raise FileNotFoundError(f"no .jsonl or .parquet seed files under {path}")
             return files
         if not path.exists():
-            raise FileNotFoundError(f"seed file {path} does not exist (BFT_SEED_URI)")
+            raise FileNotFoundError(f"seed file {path} does not exist (the instance's seed.uri)")
         return [path]
 
     def records(self) -> Iterator[tuple[str, Any]]:

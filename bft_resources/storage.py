@@ -161,7 +161,7 @@ class Storage(dg.ConfigurableResource, ABC):
 
 
 class LocalStorage(Storage):
-    """A folder on local disk (the default; ``BFT_STORAGE``)."""
+    """A folder on local disk."""
 
     root: str
 
@@ -237,7 +237,7 @@ def _atomic_file(final: Path) -> Iterator[Path]:
 
 
 class S3Storage(Storage):
-    """A prefix in an S3 bucket (``BFT_STORAGE=s3://bucket/prefix``), with the local layout.
+    """A prefix in an S3 bucket (``s3://bucket/prefix``), with the local layout.
 
     Tables are written to a local spool file and uploaded in one PUT (multipart for large
     files), which S3 makes visible whole or not at all. Readers download a table once per

@@ -41,7 +41,7 @@ def test_a_truncated_gzip_names_the_file_and_where_it_broke(tmp_path, shared_dat
 
 
 def test_a_missing_corpus_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="BFT_CORPUS_URI"):
+    with pytest.raises(FileNotFoundError, match="corpus folder .* does not exist"):
         CorpusSource(uri=str(tmp_path / "nope")).list_shards()
 
 
@@ -79,18 +79,23 @@ def test_a_truncated_s3_shard_names_the_object(tmp_path, shared_data, s3):
 def test_the_shard_sensor_adds_a_partition_when_a_file_lands_on_s3(tmp_path, shared_data, s3):
     import dagster as dg
 
-    from bft_assets.corpus import corpus_shard_sensor
+    from bft_assets.corpus import build_shard_sensor
 
+    from instances import declare
+
+    inst = declare(tmp_path, "m", corpus={"uri": s3.uri("dolma")},
+                   s3={"endpoint_url": s3.resource.endpoint_url, "region_name": "us-east-1"})  # fmt: skip
+    sensor = build_shard_sensor(inst)
     corpus = CorpusSource(uri=s3.uri("dolma"), s3=s3.resource)
     s3.upload(DOLMA / "cc_en_head-0091.jsonl.gz", "dolma/cc_en_head-0091.jsonl.gz")
     with (
         dg.instance_for_test() as instance,
-        dg.build_sensor_context(instance=instance, resources={"corpus": corpus}) as context,
+        dg.build_sensor_context(instance=instance, resources={"t__corpus": corpus}) as context,
     ):
-        (request,) = corpus_shard_sensor(context).dynamic_partitions_requests
-        assert request.partition_keys == ["cc_en_head-0091"]
+        (request,) = sensor.evaluate_tick(context).dynamic_partitions_requests
+        assert request.partition_keys == ["cc_en_head-0091"] and request.partitions_def_name == "t__corpus_shards"
         instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
-        assert corpus_shard_sensor(context).skip_reason
+        assert sensor.evaluate_tick(context).skip_message
         s3.upload(DOLMA / "cc_en_head-0174.jsonl.gz", "dolma/cc_en_head-0174.jsonl.gz")
-        (request,) = corpus_shard_sensor(context).dynamic_partitions_requests
+        (request,) = sensor.evaluate_tick(context).dynamic_partitions_requests
         assert request.partition_keys == ["cc_en_head-0174"]

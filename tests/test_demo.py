@@ -33,39 +33,40 @@ def test_demo_materializes_every_asset_and_records_runs(tmp_path, smollm2):
     assert "demo finished" in result.stdout
     assert "recipes (win rate" in result.stdout and "filtering_rewriting" in result.stdout
 
-    seed = pl.read_parquet(tmp_path / "storage" / "seed_examples.parquet")
+    storage = tmp_path / "storage" / "demo"  # <storage>/<key_prefix>/<asset>
+    seed = pl.read_parquet(storage / "seed_examples.parquet")
     assert seed.height == 24
-    shards = sorted((tmp_path / "storage" / "candidate_responses").glob("*[0-9].parquet"))
+    shards = sorted((storage / "candidate_responses").glob("*[0-9].parquet"))
     assert [p.stem for p in shards] == ["stdlib-docs-0000", "stdlib-docs-0001"]
     kept = sum(pl.read_parquet(p).height for p in shards)
     assert kept >= 10
     for stage in ("backtranslated_pool", "scored_pool", "rewritten_dataset"):
-        tables = sorted((tmp_path / "storage" / stage).glob("*.parquet"))
+        tables = sorted((storage / stage).glob("*.parquet"))
         assert [p.stem for p in tables] == ["stdlib-docs-0000", "stdlib-docs-0001"]
         assert sum(pl.read_parquet(p).height for p in tables) == kept
     rewritten = pl.concat(
-        pl.read_parquet(p) for p in (tmp_path / "storage" / "rewritten_dataset").glob("*.parquet")
+        pl.read_parquet(p) for p in (storage / "rewritten_dataset").glob("*.parquet")
     )
     assert rewritten["score"].is_between(1, 5).all()
     # the generation stages used the seed models the demo trained
     pool = pl.read_parquet(
-        tmp_path / "storage" / "backtranslated_pool" / "stdlib-docs-0000.parquet"
+        storage / "backtranslated_pool" / "stdlib-docs-0000.parquet"
     )
     assert pool["model"].unique().to_list() == [
-        str(tmp_path / "storage" / "seed_model" / "backward")
+        str(storage / "seed_model" / "backward")
     ]
     for recipe in ("seed_only", "filtering", "filtering_rewriting"):
         assert (
-            tmp_path / "storage" / "finetuned_checkpoint" / recipe / "model.safetensors"
+            storage / "finetuned_checkpoint" / recipe / "model.safetensors"
         ).exists()
-        assert (tmp_path / "storage" / "finetuned_checkpoint" / f"{recipe}.train.jsonl").exists()
+        assert (storage / "finetuned_checkpoint" / f"{recipe}.train.jsonl").exists()
         summary = pl.read_parquet(
-            tmp_path / "storage" / "eval_scores" / f"{recipe}.summary.parquet"
+            storage / "eval_scores" / f"{recipe}.summary.parquet"
         )
         assert 0 <= summary["win_rate"][0] <= 100 and summary["assistant_judged"][0] == 8
 
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         runs = instance.get_runs()
         assert len(runs) == 9 and all(r.is_success for r in runs)
-        materialized = instance.get_latest_materialization_event(dg.AssetKey("candidate_responses"))
+        materialized = instance.get_latest_materialization_event(dg.AssetKey(["demo", "candidate_responses"]))
         assert materialized is not None

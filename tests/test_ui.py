@@ -74,7 +74,7 @@ def test_every_asset_is_in_the_catalog_and_the_graph(dagster_ui, page, artifacts
     url, _ = dagster_ui
     _open(page, f"{url}/assets")
     for key in _graph().get_all_asset_keys():
-        page.get_by_text(key.to_user_string(), exact=True).first.wait_for()
+        page.get_by_text(key.path[-1], exact=True).first.wait_for()
     page.screenshot(path=str(artifacts / "catalog.png"))
     for group in ("seed", "generation", "training", "evaluation"):
         _open(page, f"{url}/locations/bft/asset-groups/{group}/lineage")
@@ -89,7 +89,7 @@ def test_every_check_is_listed_on_its_asset(dagster_ui, page):
     for check in _graph().asset_check_keys:
         checks.setdefault(check.asset_key.to_user_string(), []).append(check.name)
     for asset, names in checks.items():
-        _open(page, f"{url}/assets/{asset}?view=checks")
+        _open(page, f"{url}/assets/{asset}?view=checks")  # asset: demo/<name>, the URL's path
         for name in names:
             # Long names are shown middle-truncated; the full name is in the DOM beside it.
             page.get_by_text(name, exact=True).first.wait_for(state="attached")
@@ -97,13 +97,13 @@ def test_every_check_is_listed_on_its_asset(dagster_ui, page):
 
 def test_materialize_seed_examples_from_the_ui(dagster_ui, page, artifacts):
     url, home = dagster_ui
-    _open(page, f"{url}/assets/seed_examples")
+    _open(page, f"{url}/assets/demo/seed_examples")
     page.get_by_text("Never materialized").first.wait_for()
     page.get_by_text("Materialize", exact=True).first.click()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         page.wait_for_timeout(3000)
-        _open(page, f"{url}/assets/seed_examples")
+        _open(page, f"{url}/assets/demo/seed_examples")
         if page.get_by_text("records_read", exact=True).count():
             break
     else:
@@ -112,8 +112,8 @@ def test_materialize_seed_examples_from_the_ui(dagster_ui, page, artifacts):
     page.screenshot(path=str(artifacts / "seed_examples.png"), full_page=True)
     body = page.inner_text("body")
     assert "dropped_root_synthetic" in body or "records_dropped" in body
-    assert (home / "storage" / "seed_examples.parquet").exists()
-    _open(page, f"{url}/assets/seed_examples?view=checks")
+    assert (home / "storage" / "demo" / "seed_examples.parquet").exists()
+    _open(page, f"{url}/assets/demo/seed_examples?view=checks")
     page.get_by_text("seed_examples_ids_unique", exact=True).first.wait_for(state="attached")
     assert page.get_by_text("Passed").count() >= 1
     page.screenshot(path=str(artifacts / "seed_examples-checks.png"))
