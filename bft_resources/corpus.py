@@ -64,9 +64,7 @@ class CorpusSource(dg.ConfigurableResource):
     @property
     def _root(self) -> Path:
         if "://" in self.uri and not self.uri.startswith("file://"):
-            raise ValueError(
-                f"corpus {self.uri!r}: use a local folder or s3://bucket/prefix"
-            )
+            raise ValueError(f"corpus {self.uri!r}: use a local folder or s3://bucket/prefix")
         return Path(self.uri.removeprefix("file://")).expanduser().resolve()
 
     def list_shards(self) -> list[Shard]:

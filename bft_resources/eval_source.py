@@ -18,7 +18,9 @@ class EvalSetSource(dg.ConfigurableResource):
     def read(self) -> pl.DataFrame:
         path = Path(self.uri).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"evaluation set {path} does not exist (the instance's eval.uri)")
+            raise FileNotFoundError(
+                f"evaluation set {path} does not exist (the instance's eval.uri)"
+            )
         text = path.read_text(encoding="utf-8")
         rows = (
             json.loads(text)

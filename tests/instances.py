@@ -2,7 +2,6 @@
 by the component, then its definitions built, its assets materialized with its own
 resources."""
 
-
 import copy
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,9 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def attributes(root: Path, model: str | Path, prefix: str = "t", **overrides: Any) -> dict[str, Any]:
+def attributes(
+    root: Path, model: str | Path, prefix: str = "t", **overrides: Any
+) -> dict[str, Any]:
     """A small instance: demo seed and eval sets, a corpus folder under ``root``, one model."""
     body = {
         "key_prefix": prefix,
@@ -86,7 +87,9 @@ def record_built(
             yield dg.AssetCheckResult(asset_key=check.asset_key, check_name=check.name,
                                       passed=checks_pass or not check.blocking)  # fmt: skip
 
-    result = dg.materialize([record], instance=instance, partition_key=partition, raise_on_error=False)
+    result = dg.materialize(
+        [record], instance=instance, partition_key=partition, raise_on_error=False
+    )
     return result.success
 
 
@@ -108,7 +111,9 @@ def record_whole_graph(defs: dg.Definitions, instance: dg.DagsterInstance) -> No
         if not asset.is_materializable:
             for shard in partitions_of(asset, instance):
                 instance.report_runless_asset_event(
-                    dg.AssetObservation(key, partition=shard, tags={"dagster/data_version": f"v-{shard}"})
+                    dg.AssetObservation(
+                        key, partition=shard, tags={"dagster/data_version": f"v-{shard}"}
+                    )
                 )
             continue
         for partition in partitions_of(asset, instance):

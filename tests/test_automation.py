@@ -40,11 +40,15 @@ def _assets(score_prompt: Prompt = SCORE, rewriter: str | None = None) -> list:
 
     def edited(spec: dg.AssetSpec) -> dg.AssetSpec:
         if spec.key in changed:
-            return spec.replace_attributes(code_version=changed[spec.key].specs_by_key[spec.key].code_version)
+            return spec.replace_attributes(
+                code_version=changed[spec.key].specs_by_key[spec.key].code_version
+            )
         version = spec.code_version.replace(SCORE.version, score_prompt.version)
         return spec.replace_attributes(code_version=version)
 
-    return [a.map_asset_specs(edited) if isinstance(a, dg.AssetsDefinition) else a for a in defs.assets]
+    return [
+        a.map_asset_specs(edited) if isinstance(a, dg.AssetsDefinition) else a for a in defs.assets
+    ]
 
 
 def _materializable() -> list[dg.AssetsDefinition]:
@@ -125,11 +129,15 @@ def test_a_new_rewriter_rebuilds_the_rewrites_first_then_the_recipes(built_graph
     assets = _assets(rewriter="meta-llama/Llama-2-70b-chat-hf")
     # The judge defaults to the rewriter: eval_scores' own code version changed too, so it
     # is requested with the rewrites; the recipes retrain once the rewrites have landed.
-    assert tick(assets) == {("rewritten_dataset", s) for s in SHARDS} | {("eval_scores", r) for r in RECIPES}
+    assert tick(assets) == {("rewritten_dataset", s) for s in SHARDS} | {
+        ("eval_scores", r) for r in RECIPES
+    }
     assert tick(assets) == set()
     for shard in SHARDS:
         _built(instance, "rewritten_dataset", shard)
-    assert tick(assets) == {(a, r) for a in ("finetuned_checkpoint", "eval_scores") for r in RECIPES}
+    assert tick(assets) == {
+        (a, r) for a in ("finetuned_checkpoint", "eval_scores") for r in RECIPES
+    }
     assert tick(assets) == set()
 
 
@@ -137,7 +145,9 @@ def test_a_new_shard_builds_only_its_own_partitions(built_graph):
     instance, tick = built_graph
     instance.add_dynamic_partitions(SHARD_SET, ["s3"])
     instance.report_runless_asset_event(
-        dg.AssetObservation(_key("corpus_documents"), partition="s3", tags={"dagster/data_version": "v"})
+        dg.AssetObservation(
+            _key("corpus_documents"), partition="s3", tags={"dagster/data_version": "v"}
+        )
     )
     requested = tick(_assets())
     per_shard = {(a, p) for a, p in requested if a in PER_SHARD}

@@ -12,12 +12,12 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+from instances import declare, materialize
 
 from bft_assets.demo import write_demo_corpus
 from bft_assets.instance import SEED_EXAMPLES, SEED_MODEL
 
 from conftest import REPO
-from instances import declare, materialize
 from servers import dagster_dev, graphql
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,9 @@ def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tok
     assert waited  # and a step did have to wait for the pool
 
     for shard in SHARDS:  # each shard's output is its own, whole
-        candidates = pl.read_parquet(home / "storage" / "demo" / "candidate_responses" / f"{shard}.parquet")
+        candidates = pl.read_parquet(
+            home / "storage" / "demo" / "candidate_responses" / f"{shard}.parquet"
+        )
         pool = pl.read_parquet(home / "storage" / "demo" / GPU_STEP / f"{shard}.parquet")
         assert candidates.height > 0 and pool["doc_id"].to_list() == candidates["id"].to_list()
         assert (candidates["shard"] == shard).all()

@@ -107,7 +107,9 @@ def _write_host(root: Path, model: Path) -> Path:
         _write_instance(root, prefix, _instance_yaml(root, prefix, model))
         write_demo_corpus(root / f"corpus_{prefix}", shards=1, docs_per_shard=3)
     # different shard names per corpus, so "each instance sees only its own" can be seen
-    (root / "corpus_c4" / "stdlib-docs-0000.jsonl.gz").rename(root / "corpus_c4" / "c4-0000.jsonl.gz")
+    (root / "corpus_c4" / "stdlib-docs-0000.jsonl.gz").rename(
+        root / "corpus_c4" / "c4-0000.jsonl.gz"
+    )
     return root
 
 
@@ -156,7 +158,9 @@ def test_two_instances_load_beside_the_host_and_dg_check_defs_passes(host):
     assert "orders" in keys
     for prefix in ("web", "c4"):
         assert {f"{prefix}/{a}" for a in (SEED_EXAMPLES, CANDIDATE_RESPONSES, EVAL_SCORES)} <= keys
-        assert {f"{prefix}__shard_job", f"{prefix}__seed_job"} <= {j.name for j in repo.get_all_jobs()}
+        assert {f"{prefix}__shard_job", f"{prefix}__seed_job"} <= {
+            j.name for j in repo.get_all_jobs()
+        }
         assert {f"{prefix}__corpus_shard_sensor", f"{prefix}__rebuild_stale"} <= {
             s.name for s in repo.sensor_defs
         }
@@ -166,7 +170,8 @@ def test_two_instances_load_beside_the_host_and_dg_check_defs_passes(host):
     partition_sets = {
         a.partitions_def.name
         for a in defs.assets
-        if isinstance(a, dg.AssetsDefinition) and isinstance(a.partitions_def, dg.DynamicPartitionsDefinition)
+        if isinstance(a, dg.AssetsDefinition)
+        and isinstance(a.partitions_def, dg.DynamicPartitionsDefinition)
     }
     assert partition_sets == {"web__corpus_shards", "c4__corpus_shards"}
 
@@ -179,7 +184,9 @@ def test_each_instance_writes_its_own_root_and_sees_only_its_own_shards(host):
             with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
                 result = sensor.evaluate_tick(context)
             for request in result.dynamic_partitions_requests:
-                instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+                instance.add_dynamic_partitions(
+                    request.partitions_def_name, list(request.partition_keys)
+                )
         assert instance.get_dynamic_partitions("web__corpus_shards") == ["stdlib-docs-0000"]
         assert instance.get_dynamic_partitions("c4__corpus_shards") == ["c4-0000"]
 
@@ -187,7 +194,9 @@ def test_each_instance_writes_its_own_root_and_sees_only_its_own_shards(host):
             chosen = [defs.get_assets_def(dg.AssetKey([prefix, SEED_EXAMPLES]))]
             assert dg.materialize(chosen, instance=instance, resources=defs.resources).success
             chosen = [defs.get_assets_def(dg.AssetKey([prefix, CANDIDATE_RESPONSES]))]
-            assert dg.materialize(chosen, instance=instance, resources=defs.resources, partition_key=shard).success
+            assert dg.materialize(
+                chosen, instance=instance, resources=defs.resources, partition_key=shard
+            ).success
         # the host's sensor and asset are untouched: no run, no materialization, still its own
         host_sensor = repo.get_sensor_def("host_automation")
         assert host_sensor.asset_selection.resolve(repo.asset_graph) == {dg.AssetKey("orders")}
@@ -217,7 +226,9 @@ def _stale(defs: dg.Definitions, instance: dg.DagsterInstance) -> set[str]:
     return stale
 
 
-def test_editing_one_instances_rewriter_stales_exactly_what_reads_its_rewrites(host, tiny_tokenizer_model):
+def test_editing_one_instances_rewriter_stales_exactly_what_reads_its_rewrites(
+    host, tiny_tokenizer_model
+):
     """Dagster's staleness: the edited stage is stale at once (its code version); what reads
     it turns stale when the stage is rebuilt (a new data version). The other instance and the
     stages upstream stay fresh throughout."""
@@ -229,13 +240,19 @@ def test_editing_one_instances_rewriter_stales_exactly_what_reads_its_rewrites(h
             record_whole_graph(defs, instance)
             assert _stale(defs, instance) == set()  # a built graph is fresh
 
-        body = _instance_yaml(host, "web", tiny_tokenizer_model, rewriter="meta-llama/Llama-2-70b-chat-hf")
+        body = _instance_yaml(
+            host, "web", tiny_tokenizer_model, rewriter="meta-llama/Llama-2-70b-chat-hf"
+        )
         _write_instance(host, "web", body)
         with _host_defs(host) as defs:
             assert _stale(defs, instance) == {f"web/{REWRITTEN_DATASET}[s0]"}
-            assert record_built(instance, defs.get_assets_def(dg.AssetKey(["web", REWRITTEN_DATASET])), "s0")
+            assert record_built(
+                instance, defs.get_assets_def(dg.AssetKey(["web", REWRITTEN_DATASET])), "s0"
+            )
             stale = _stale(defs, instance)
-    assert stale == {f"web/{asset}[{r}]" for asset in (FINETUNED_CHECKPOINT, EVAL_SCORES) for r in recipes}
+    assert stale == {
+        f"web/{asset}[{r}]" for asset in (FINETUNED_CHECKPOINT, EVAL_SCORES) for r in recipes
+    }
 
 
 def test_a_misspelt_attribute_fails_dg_check_defs_naming_it(host, tiny_tokenizer_model):
@@ -279,7 +296,9 @@ def _fake_hub_model(cache: Path, repo: str, revision: str, good: Path) -> None:
     (folder / "refs" / "main").write_text(default)
 
 
-def test_a_pinned_revision_reaches_the_engines_model_load(tmp_path, tiny_tokenizer_model, monkeypatch):
+def test_a_pinned_revision_reaches_the_engines_model_load(
+    tmp_path, tiny_tokenizer_model, monkeypatch
+):
     import huggingface_hub.constants
 
     cache = tmp_path / "hub"
@@ -290,8 +309,12 @@ def test_a_pinned_revision_reaches_the_engines_model_load(tmp_path, tiny_tokeniz
     inst = declare(tmp_path, tiny_tokenizer_model, models={"backward": pinned},
                    generation={"backtranslation": {"max_new_tokens": 4}})  # fmt: skip
     with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name)
-        result = materialize(inst, [CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance, partition_key=shard)
+        (shard,) = discover_shards(
+            CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name
+        )
+        result = materialize(
+            inst, [CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance, partition_key=shard
+        )
     assert result.success  # `main` cannot load: only the pinned snapshot could have
     pool = pl.read_parquet(tmp_path / "storage" / "t" / BACKTRANSLATED_POOL / f"{shard}.parquet")
     assert pool["model"].unique().to_list() == ["bft-test/tiny@v1"]
@@ -299,5 +322,7 @@ def test_a_pinned_revision_reaches_the_engines_model_load(tmp_path, tiny_tokeniz
     unpinned = declare(tmp_path, tiny_tokenizer_model, models={"backward": "bft-test/tiny"})
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(unpinned.shards.name, [shard])
-        failed = materialize(unpinned, [BACKTRANSLATED_POOL], instance, partition_key=shard, raise_on_error=False)
+        failed = materialize(
+            unpinned, [BACKTRANSLATED_POOL], instance, partition_key=shard, raise_on_error=False
+        )
     assert not failed.success  # the same reference without its revision loads `main`

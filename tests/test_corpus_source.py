@@ -41,7 +41,7 @@ def test_a_truncated_gzip_names_the_file_and_where_it_broke(tmp_path, shared_dat
 
 
 def test_a_missing_corpus_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="corpus folder .* does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"corpus folder .* does not exist"):
         CorpusSource(uri=str(tmp_path / "nope")).list_shards()
 
 
@@ -78,10 +78,9 @@ def test_a_truncated_s3_shard_names_the_object(tmp_path, shared_data, s3):
 
 def test_the_shard_sensor_adds_a_partition_when_a_file_lands_on_s3(tmp_path, shared_data, s3):
     import dagster as dg
+    from instances import declare
 
     from bft_assets.corpus import build_shard_sensor
-
-    from instances import declare
 
     inst = declare(tmp_path, "m", corpus={"uri": s3.uri("dolma")},
                    s3={"endpoint_url": s3.resource.endpoint_url, "region_name": "us-east-1"})  # fmt: skip
@@ -93,7 +92,10 @@ def test_the_shard_sensor_adds_a_partition_when_a_file_lands_on_s3(tmp_path, sha
         dg.build_sensor_context(instance=instance, resources={"t__corpus": corpus}) as context,
     ):
         (request,) = sensor.evaluate_tick(context).dynamic_partitions_requests
-        assert request.partition_keys == ["cc_en_head-0091"] and request.partitions_def_name == "t__corpus_shards"
+        assert (
+            request.partition_keys == ["cc_en_head-0091"]
+            and request.partitions_def_name == "t__corpus_shards"
+        )
         instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
         assert sensor.evaluate_tick(context).skip_message
         s3.upload(DOLMA / "cc_en_head-0174.jsonl.gz", "dolma/cc_en_head-0174.jsonl.gz")

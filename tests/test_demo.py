@@ -49,24 +49,18 @@ def test_demo_materializes_every_asset_and_records_runs(tmp_path, smollm2):
     )
     assert rewritten["score"].is_between(1, 5).all()
     # the generation stages used the seed models the demo trained
-    pool = pl.read_parquet(
-        storage / "backtranslated_pool" / "stdlib-docs-0000.parquet"
-    )
-    assert pool["model"].unique().to_list() == [
-        str(storage / "seed_model" / "backward")
-    ]
+    pool = pl.read_parquet(storage / "backtranslated_pool" / "stdlib-docs-0000.parquet")
+    assert pool["model"].unique().to_list() == [str(storage / "seed_model" / "backward")]
     for recipe in ("seed_only", "filtering", "filtering_rewriting"):
-        assert (
-            storage / "finetuned_checkpoint" / recipe / "model.safetensors"
-        ).exists()
+        assert (storage / "finetuned_checkpoint" / recipe / "model.safetensors").exists()
         assert (storage / "finetuned_checkpoint" / f"{recipe}.train.jsonl").exists()
-        summary = pl.read_parquet(
-            storage / "eval_scores" / f"{recipe}.summary.parquet"
-        )
+        summary = pl.read_parquet(storage / "eval_scores" / f"{recipe}.summary.parquet")
         assert 0 <= summary["win_rate"][0] <= 100 and summary["assistant_judged"][0] == 8
 
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         runs = instance.get_runs()
         assert len(runs) == 9 and all(r.is_success for r in runs)
-        materialized = instance.get_latest_materialization_event(dg.AssetKey(["demo", "candidate_responses"]))
+        materialized = instance.get_latest_materialization_event(
+            dg.AssetKey(["demo", "candidate_responses"])
+        )
         assert materialized is not None

@@ -15,13 +15,13 @@ import pytest
 import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
+from instances import declare
 
 from bft_assets.definitions import defs, step_executor
 from bft_assets.graph import build_instance_defs
 from bft_assets.policies import ECS_CONTAINER_TAG, GPUS_TAG, gpu_op_tags
 
 from conftest import REPO
-from instances import declare
 
 DEPLOY = REPO / "deploy"
 GPU_ASSETS = {"seed_model", "backtranslated_pool", "scored_pool", "rewritten_dataset",
@@ -95,7 +95,11 @@ def test_declared_gpus_drive_both_the_request_and_the_software(tmp_path):
     resources = declared.resources
     assert resources["t__engine"].tensor_parallel_size == 4  # vLLM spreads one model over 4
     assert resources["t__trainer"].num_gpus == 8  # accelerate launch --num_processes 8
-    tags = {a.key.path[-1]: a.op.tags.get(GPUS_TAG) for a in declared.assets if isinstance(a, dg.AssetsDefinition)}
+    tags = {
+        a.key.path[-1]: a.op.tags.get(GPUS_TAG)
+        for a in declared.assets
+        if isinstance(a, dg.AssetsDefinition)
+    }
     assert tags["backtranslated_pool"] == "4" and tags["eval_scores"] == "4"
     assert tags["seed_model"] == "8" and tags["finetuned_checkpoint"] == "8"
     assert tags["seed_examples"] is None and tags["candidate_responses"] is None
@@ -110,7 +114,9 @@ def test_the_executor_is_the_code_locations_choice_not_an_instances(tmp_path):
     for kind, executor in (("k8s", k8s_job_executor), ("ecs", ecs_executor),
                            ("in_process", dg.in_process_executor)):  # fmt: skip
         assert step_executor(kind) is executor
-        with_executor = dg.Definitions(assets=defs.assets, resources=defs.resources, executor=executor)
+        with_executor = dg.Definitions(
+            assets=defs.assets, resources=defs.resources, executor=executor
+        )
         dg.Definitions.validate_loadable(with_executor)
     with pytest.raises(ValueError, match="BFT_EXECUTOR='slurm': use multiprocess, in_process"):
         step_executor("slurm")

@@ -80,16 +80,23 @@ def test_an_outage_mid_shard_keeps_finished_batches(proxy, smollm2, tmp_path):
                    generation={"backtranslation": {"batch_rows": 2, "max_new_tokens": 8}})  # fmt: skip
     engine = _engine(proxy.url, smollm2, max_retries=1, timeout_s=60)
     with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name)
+        (shard,) = discover_shards(
+            CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name
+        )
         materialize(inst, [CANDIDATE_RESPONSES], instance, partition_key=shard)
-        proxy.script, proxy.always = ["forward", "forward"], "503"  # batch 1 answers, then an outage
+        proxy.script, proxy.always = (
+            ["forward", "forward"],
+            "503",
+        )  # batch 1 answers, then an outage
         failed = materialize(inst, [BACKTRANSLATED_POOL], instance, swap={"engine": engine},
                              partition_key=shard, raise_on_error=False)  # fmt: skip
         assert not failed.success
         error = failed.get_step_failure_events()[0].step_failure_data.error
         assert "HTTP 503" in str(error.cause or error)
         proxy.always = None  # the server is back
-        resumed = materialize(inst, [BACKTRANSLATED_POOL], instance, swap={"engine": engine}, partition_key=shard)
+        resumed = materialize(
+            inst, [BACKTRANSLATED_POOL], instance, swap={"engine": engine}, partition_key=shard
+        )
     meta = resumed.asset_materializations_for_node(node(inst, BACKTRANSLATED_POOL))[0].metadata
     assert meta["rows_reused"].value == 2
     pool = pl.read_parquet(tmp_path / "storage" / "t" / BACKTRANSLATED_POOL / f"{shard}.parquet")

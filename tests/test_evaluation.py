@@ -159,7 +159,9 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
     assert table["preference"].is_between(0, 1).all() and (table["read_by"] == LOGPROBS).all()
     meta = {
         k: v.value
-        for k, v in first.asset_materializations_for_node(node(inst, EVAL_SCORES))[0].metadata.items()
+        for k, v in first.asset_materializations_for_node(node(inst, EVAL_SCORES))[
+            0
+        ].metadata.items()
     }
     assert (
         0 <= meta["win_rate"] <= 100

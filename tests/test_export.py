@@ -64,12 +64,19 @@ def test_export_of_an_untrained_recipe_is_a_clear_error(tmp_path, inst):
         export_recipe(inst, LocalStorage(root=str(tmp_path)), "nope", tmp_path / "out")
 
 
-def test_the_cli_exports_from_the_declared_demo_instance(tmp_path, monkeypatch, capsys, tiny_tokenizer_model):
+def test_the_cli_exports_from_the_declared_demo_instance(
+    tmp_path, monkeypatch, capsys, tiny_tokenizer_model
+):
     monkeypatch.setenv("BFT_STORAGE", str(tmp_path / "storage"))  # read by the demo's defs.yaml
     demo = declare(tmp_path, tiny_tokenizer_model, prefix="demo")
     storage = LocalStorage(root=str(tmp_path / "storage"))
-    storage.write(demo.table(FINETUNED_CHECKPOINT), TRAINING_SET, partition="filtering", suffix="train")
-    examples = [TrainingExample(p, r, s) for p, r, s in TRAINING_SET.select("prompt", "response", "source").iter_rows()]
+    storage.write(
+        demo.table(FINETUNED_CHECKPOINT), TRAINING_SET, partition="filtering", suffix="train"
+    )
+    examples = [
+        TrainingExample(p, r, s)
+        for p, r, s in TRAINING_SET.select("prompt", "response", "source").iter_rows()
+    ]
     train(str(tiny_tokenizer_model), examples, str(storage.checkpoint_dir(demo.table(FINETUNED_CHECKPOINT), "filtering")),
           Hyperparameters(max_steps=1, batch_size=2, micro_batch_size=2), base_reference="tiny")  # fmt: skip
     main(["export", "filtering", str(tmp_path / "cli-export"), "--instance", "demo"])

@@ -19,7 +19,13 @@ from bft_assets.rewriting import NOT_SELECTED, OK, REWRITE_STATUSES, TRUNCATED
 from bft_assets.scoring import NO_SCORE
 from bft_resources.corpus import CorpusSource
 
-STAGES = [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES, BACKTRANSLATED_POOL, SCORED_POOL, REWRITTEN_DATASET]
+STAGES = [
+    CORPUS_DOCUMENTS,
+    CANDIDATE_RESPONSES,
+    BACKTRANSLATED_POOL,
+    SCORED_POOL,
+    REWRITTEN_DATASET,
+]
 
 
 def _setup(tmp_path, model: str, docs: int, **overrides):

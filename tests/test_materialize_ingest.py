@@ -62,7 +62,9 @@ def test_candidate_responses_on_real_dolma_shards_with_smollm2(tmp_path, real_co
         keys = discover_shards(corpus, instance, inst.shards.name)
         assert sorted(keys) == sorted(corpus.shard(k).key for k in keys)
         multilingual = "CC-MAIN-20190717121559-20190717143559-00140"
-        result = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key=multilingual)
+        result = materialize(
+            inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key=multilingual
+        )
     assert result.success
     meta = _metadata(result, inst, CANDIDATE_RESPONSES)
     folder = tmp_path / "storage" / "t" / CANDIDATE_RESPONSES
@@ -113,13 +115,19 @@ def test_malformed_lines_are_counted_never_fatal(tmp_path, tiny_tokenizer_model)
         ],
     )
     model = {"model": str(tiny_tokenizer_model), "context_window": 256}  # "long" cannot fit
-    inst = _instance(tmp_path, corpus, model, generation={"backtranslation": {"max_new_tokens": 32}})
+    inst = _instance(
+        tmp_path, corpus, model, generation={"backtranslation": {"max_new_tokens": 32}}
+    )
     with dg.instance_for_test() as instance:
         discover_shards(CorpusSource(uri=str(corpus)), instance, inst.shards.name)
-        result = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key="bad")
+        result = materialize(
+            inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key="bad"
+        )
     assert result.success
     meta = _metadata(result, inst, CANDIDATE_RESPONSES)
-    rejects = pl.read_parquet(tmp_path / "storage" / "t" / CANDIDATE_RESPONSES / "bad.rejects.parquet")
+    rejects = pl.read_parquet(
+        tmp_path / "storage" / "t" / CANDIDATE_RESPONSES / "bad.rejects.parquet"
+    )
     assert dict(rejects.select("line", "reason").iter_rows()) == {
         3: c.BAD_JSON,
         4: c.BAD_UTF8,
@@ -143,7 +151,9 @@ def test_a_truncated_shard_fails_its_partition_naming_the_file(
     corpus.mkdir()
     data = (DOLMA / "provided_documents_000.json.gz").read_bytes()
     (corpus / "cut.jsonl.gz").write_bytes(data[: len(data) * 2 // 3])
-    inst = _instance(tmp_path, corpus, {"model": str(tiny_tokenizer_model), "context_window": 100_000})
+    inst = _instance(
+        tmp_path, corpus, {"model": str(tiny_tokenizer_model), "context_window": 100_000}
+    )
     with dg.instance_for_test() as instance:
         discover_shards(CorpusSource(uri=str(corpus)), instance, inst.shards.name)
         result = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES], instance, partition_key="cut",

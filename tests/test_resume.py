@@ -44,7 +44,9 @@ def test_a_crash_loses_only_the_batch_in_flight(tmp_path, tiny_tokenizer_model):
                    generation={"backtranslation": {"batch_rows": 3, "max_new_tokens": 6}})  # fmt: skip
     storage = tmp_path / "storage" / "t"
     with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name)
+        (shard,) = discover_shards(
+            CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name
+        )
         CALLS.clear()
         crashed = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance,
                               swap={"engine": FaultInjectingEngine(fail_after=2)}, partition_key=shard,

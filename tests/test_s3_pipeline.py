@@ -6,6 +6,7 @@ import json
 
 import dagster as dg
 import pytest
+from instances import declare, node
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
@@ -13,8 +14,6 @@ from bft_assets.graph import build_instance_defs
 from bft_resources.corpus import CorpusSource
 from bft_resources.models import ModelResource, model_cache_dir
 from bft_resources.storage import S3Storage
-
-from instances import declare, node
 
 FAST_TRAINING = {"learning_rate": 3e-3, "max_steps": 2, "batch_size": 4, "dropout": 0.0}
 GENERATION = {
@@ -99,14 +98,20 @@ def test_the_whole_graph_runs_on_s3(s3, tiny_tokenizer_model, tmp_path, monkeypa
         for asset in stages:
             assert f"bft/t/{asset}/{shard}.parquet" in keys
         assert f"bft/t/candidate_responses/{shard}.rejects.parquet" in keys
-    for checkpoint in ("seed_model/backward", "seed_model/forward", "finetuned_checkpoint/filtering"):
+    for checkpoint in (
+        "seed_model/backward",
+        "seed_model/forward",
+        "finetuned_checkpoint/filtering",
+    ):
         assert f"bft/t/{checkpoint}/manifest.json" in keys
         assert f"bft/t/{checkpoint}/model.safetensors" in keys
     assert {"bft/t/seed_examples.parquet", "bft/t/eval_scores/filtering.parquet",
             "bft/t/finetuned_checkpoint/filtering.train.jsonl"} <= set(keys)  # fmt: skip
     meta = tuned.asset_materializations_for_node(node(inst, "finetuned_checkpoint"))[0].metadata
     assert meta["checkpoint"].value == s3.uri("bft/t/finetuned_checkpoint/filtering")
-    assert meta["training_set"].value == s3.uri("bft/t/finetuned_checkpoint/filtering.train.parquet")
+    assert meta["training_set"].value == s3.uri(
+        "bft/t/finetuned_checkpoint/filtering.train.parquet"
+    )
 
     # Every document read from S3 is accounted for in the tables on S3.
     storage = S3Storage(root=s3.uri("bft"), s3=s3.resource, cache_dir=str(tmp_path / "r"))

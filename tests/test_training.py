@@ -71,6 +71,7 @@ def test_upstream_stages_do_what_the_declared_recipes_need(tmp_path):
 
 def test_training_set_tags_every_row_by_source_and_samples_deterministically():
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
+
     def sampled(seed: int) -> RecipeSpec:
         return RECIPES["filtering"].model_copy(update={"generated_size": 7, "sample_seed": seed})
 
@@ -90,7 +91,9 @@ def test_training_set_tags_every_row_by_source_and_samples_deterministically():
 def test_recipes_compare_at_equal_size():
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
     sizes = {
-        r.name: assemble_training_set(SEED, rewritten, r.model_copy(update={"generated_size": 10})).height
+        r.name: assemble_training_set(
+            SEED, rewritten, r.model_copy(update={"generated_size": 10})
+        ).height
         for r in PAPER_RECIPES
         if r.responses != "none"
     }
@@ -125,9 +128,13 @@ def test_seed_model_and_finetuned_checkpoint_materialize(tmp_path, tiny_tokenize
     for shard, prefix in (("s0", "a-"), ("s1", "b-")):
         storage.write(inst.table(REWRITTEN_DATASET), _rewritten(prefix), partition=shard)
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(inst.shards.name, ["s0", "s1", "s2"])  # s2 never materialized
+        instance.add_dynamic_partitions(
+            inst.shards.name, ["s0", "s1", "s2"]
+        )  # s2 never materialized
         assert materialize(inst, [SEED_EXAMPLES], instance).success
-        trained = materialize(inst, [SEED_MODEL], instance, partition_key="backward", raise_on_error=False)
+        trained = materialize(
+            inst, [SEED_MODEL], instance, partition_key="backward", raise_on_error=False
+        )
         tuned = materialize(inst, [FINETUNED_CHECKPOINT], instance, partition_key="filtering_rewriting",
                             raise_on_error=False)  # fmt: skip
     seed_checks = {e.check_name: e for e in trained.get_asset_check_evaluations()}
@@ -139,7 +146,11 @@ def test_seed_model_and_finetuned_checkpoint_materialize(tmp_path, tiny_tokenize
     for name in ("tagged_prompts", "responses_nonempty", "recipe_size", "loss_decreased"):
         assert checks[f"finetuned_checkpoint_{name}"].passed, name
     meta = tuned.asset_materializations_for_node(node(inst, FINETUNED_CHECKPOINT))[0].metadata
-    assert (meta["seed_rows"].value, meta["generated_rows"].value, meta["shards"].value) == (2, 3, 2)
+    assert (meta["seed_rows"].value, meta["generated_rows"].value, meta["shards"].value) == (
+        2,
+        3,
+        2,
+    )
     folder = tmp_path / "storage" / "t" / FINETUNED_CHECKPOINT
     training_set = pl.read_parquet(folder / "filtering_rewriting.train.parquet")
     assert set(training_set.filter(pl.col("source") == "generated")["response"]) <= {"rw1", "rw5"}
@@ -162,5 +173,7 @@ def test_training_in_a_pipes_subprocess_reports_back_into_the_run(tmp_path, tiny
     assert any("step 4/4 loss" in line for line in logs), logs[-20:]
     meta = result.asset_materializations_for_node(node(inst, SEED_MODEL))[0].metadata
     assert meta["steps"].value == 4 and meta["final_loss"].value < meta["first_loss"].value
-    checkpoint = LocalStorage(root=str(tmp_path / "storage")).fetch_checkpoint(inst.table(SEED_MODEL), "forward")
+    checkpoint = LocalStorage(root=str(tmp_path / "storage")).fetch_checkpoint(
+        inst.table(SEED_MODEL), "forward"
+    )
     assert json.loads((checkpoint / MANIFEST).read_text())["direction"] == "forward"
