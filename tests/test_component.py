@@ -21,6 +21,7 @@ from instances import declare, materialize, record_built, record_whole_graph
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
+from bft_assets.graph import build_instance_defs
 from bft_assets.instance import (
     BACKTRANSLATED_POOL,
     CANDIDATE_RESPONSES,
@@ -326,3 +327,31 @@ def test_a_pinned_revision_reaches_the_engines_model_load(
             unpinned, [BACKTRANSLATED_POOL], instance, partition_key=shard, raise_on_error=False
         )
     assert not failed.success  # the same reference without its revision loads `main`
+
+
+def test_a_second_instance_reads_the_first_ones_seed_models(tmp_path, tiny_tokenizer_model):
+    """The paper's corpus ablation: seed models trained once (web), read by c4, which trains
+    none of its own; lineage runs from web/seed_model to c4's generation stages."""
+    web = declare(tmp_path / "web", tiny_tokenizer_model, prefix="web",
+                  training={"max_steps": 1, "batch_size": 4}, engine={"dtype": "float32"})  # fmt: skip
+    write_demo_corpus(tmp_path / "c4" / "corpus", shards=1, docs_per_shard=3)
+    c4 = declare(tmp_path / "c4", tiny_tokenizer_model, prefix="c4",
+                 seed_models_from={"instance": "web", "storage": web.storage_root},
+                 generation={"backtranslation": {"max_new_tokens": 4}})  # fmt: skip
+    both = dg.Definitions.merge(build_instance_defs(web), build_instance_defs(c4))
+    graph = both.resolve_asset_graph()
+    assert dg.AssetKey(["c4", "seed_model"]) not in graph.get_all_asset_keys()
+    assert dg.AssetKey(["web", "seed_model"]) in graph.get(c4.key(BACKTRANSLATED_POOL)).parent_keys
+    assert dg.AssetKey(["web", "seed_model"]) in graph.get(c4.key("scored_pool")).parent_keys
+    with dg.instance_for_test() as instance:
+        assert materialize(web, [SEED_EXAMPLES], instance).success
+        assert materialize(web, ["seed_model"], instance, partition_key="backward").success
+        (shard,) = discover_shards(CorpusSource(uri=c4.corpus.uri), instance, c4.shards.name)
+        result = materialize(
+            c4, [CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance, partition_key=shard
+        )
+    assert result.success
+    pool = pl.read_parquet(Path(c4.storage_root) / "c4" / BACKTRANSLATED_POOL / f"{shard}.parquet")
+    assert pool["model"].unique().to_list() == [
+        str(Path(web.storage_root) / "web" / "seed_model" / "backward")
+    ]
