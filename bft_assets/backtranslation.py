@@ -109,7 +109,7 @@ def build_backtranslated_pool(inst: BftInstance) -> dg.AssetsDefinition:
         for each (step 1). Degenerate instructions are kept and flagged with a reason."""
         r = inst.bound(context)
         storage = r.storage
-        shard = context.partition_key
+        shard = inst.partition(context)
         candidates = storage.read(inst.table(CANDIDATE_RESPONSES), shard).select(
             "id", "text", "n_tokens"
         )
@@ -130,12 +130,13 @@ def build_backtranslated_pool(inst: BftInstance) -> dg.AssetsDefinition:
             generated, stats = work.run(
                 rows, backtranslate, settings.batch_rows, context.log.info, "documents"
             )
+            served = model.reference  # an endpoint's: the model the server says answered
 
         pool = rows.join(generated, on="row_id", how="left").with_columns(
             instruction=pl.col("raw_instruction").map_elements(
                 clean_instruction, return_dtype=pl.String
             ),
-            model=pl.lit(model_ref.reference),
+            model=pl.lit(served),
         )
         pool = pool.with_columns(
             instruction_flag=pl.struct("instruction", "response").map_elements(
@@ -159,7 +160,7 @@ def build_backtranslated_pool(inst: BftInstance) -> dg.AssetsDefinition:
                     pool, ["doc_id", "instruction", "response", "instruction_flag"]
                 ),
                 "path": dg.MetadataValue.path(uri),
-                "model": model_ref.reference,
+                "model": served,
                 "prompt_version": BACKTRANSLATE.version,
             },
             check_results=[

@@ -1,6 +1,7 @@
 """The web corpus: corpus_documents (shards, observed), shard discovery, candidate_responses."""
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -66,18 +67,28 @@ CANDIDATE_RULES = (
 
 
 def new_shard_keys(
-    corpus: CorpusSource, instance: dg.DagsterInstance, partitions: str
+    corpus: CorpusSource,
+    instance: dg.DagsterInstance,
+    partitions: str,
+    warn: Callable[[str], None] = logging.getLogger(__name__).warning,
 ) -> list[str]:
-    """Shards under the corpus root that have no partition yet."""
+    """Shards under the corpus root that have no partition yet; files whose key is unsafe or
+    collides are reported through ``warn`` and left out, the others still come."""
+    shards, refused = corpus.survey()
+    for problem in refused:
+        warn(f"{problem.uri}: {problem.reason}")
     known = set(instance.get_dynamic_partitions(partitions))
-    return [s.key for s in corpus.list_shards() if s.key not in known]
+    return [s.key for s in shards if s.key not in known]
 
 
 def discover_shards(
-    corpus: CorpusSource, instance: dg.DagsterInstance, partitions: str
+    corpus: CorpusSource,
+    instance: dg.DagsterInstance,
+    partitions: str,
+    warn: Callable[[str], None] = logging.getLogger(__name__).warning,
 ) -> list[str]:
     """Add a dynamic partition for every shard not yet known; return the new keys."""
-    new = new_shard_keys(corpus, instance, partitions)
+    new = new_shard_keys(corpus, instance, partitions, warn)
     if new:
         instance.add_dynamic_partitions(partitions, new)
     return new
@@ -93,7 +104,7 @@ def build_shard_sensor(inst: BftInstance) -> dg.SensorDefinition:
     )
     def corpus_shard_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         corpus = inst.bound(context).corpus
-        new = new_shard_keys(corpus, context.instance, inst.shards.name)
+        new = new_shard_keys(corpus, context.instance, inst.shards.name, context.log.warning)
         if not new:
             return dg.SensorResult(skip_reason="no new shards")
         context.log.info(f"new shards: {new}")
@@ -272,7 +283,7 @@ def build_candidate_responses(inst: BftInstance) -> dg.AssetsDefinition:
         reason."""
         r = inst.bound(context)
         corpus, base_model, storage = r.corpus, r.base_model, r.storage
-        shard_key = context.partition_key
+        shard_key = inst.partition(context)
         shard = corpus.shard(shard_key)
         overhead = prompt_overhead(base_model)
         window = base_model.context_length()

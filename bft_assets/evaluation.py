@@ -161,7 +161,6 @@ def _generate_answers(
     answers, _ = work.run(
         rows, lambda b: _answer(model, b, suffix, sampling), batch_rows, log, "answers"
     )
-    work.clear()
     return answers.select("row_id", "answer", "answer_tokens")
 
 
@@ -183,13 +182,16 @@ def _references(
     ).hexdigest()[:12]
     if storage.exists(table, "_references", key):
         return storage.read(table, "_references", key)
-    work = ResumableWork(storage.scratch_dir(table, "_references", key), "row_id")
+    work = ResumableWork(
+        storage.scratch_dir(table, "_references", key), "row_id", context.log.warning
+    )
     with engine.load(base_model, fallback=llama2_inst) as model:
         answers = _generate_answers(
             model, rows, EVAL_TAGS["assistant"], sampling, work, config.batch_rows, context.log.info
         )
     references = answers.select("row_id", pl.col("answer").alias("reference"))
     storage.write(table, references, partition="_references", suffix=key)
+    work.clear()
     return references
 
 
@@ -345,7 +347,7 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
         # Resumed answers must come from this very checkpoint and eval set: both are in the key.
         manifest = (Path(checkpoint) / MANIFEST).read_bytes()
         instructions = "\x00".join(rows["instruction"].to_list())
-        answered = []
+        answered, works = [], []
         with engine.load(
             ModelResource(model=checkpoint), fallback=llama2_inst
         ) as model:  # one load for every suffix
@@ -353,7 +355,11 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
                 key = hashlib.sha256(
                     f"{variant};{sampling};{instructions}".encode() + manifest
                 ).hexdigest()[:16]
-                work = ResumableWork(storage.scratch_dir(table, recipe, key), "row_id")
+                # Kept until the judging is done: a judge that fails mid-run costs no answer.
+                work = ResumableWork(
+                    storage.scratch_dir(table, recipe, key), "row_id", context.log.warning
+                )
+                works.append(work)
                 answers = _generate_answers(
                     model,
                     rows,
@@ -403,6 +409,8 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
             judge=pl.lit(judge.reference),
         )
         uri = storage.write(table, results, partition=recipe)
+        for work in works:
+            work.clear()
 
         scores = {
             k: v for variant in config.tags for k, v in _variant_scores(results, variant).items()

@@ -71,7 +71,9 @@ def work_for(
         f"{context.assets_def.code_versions_by_key[context.asset_key]};{settings}".encode()
     )
     return ResumableWork(
-        storage.scratch_dir(asset, context.partition_key, key.hexdigest()[:16]), "row_id"
+        storage.scratch_dir(asset, context.partition_key, key.hexdigest()[:16]),
+        "row_id",
+        context.log.warning,
     )
 
 

@@ -43,6 +43,7 @@ from bft_resources.embeddings import Embedder
 from bft_resources.engine import InferenceEngine
 from bft_resources.eval_source import EvalSetSource
 from bft_resources.judge import Judge
+from bft_resources.keys import safe_segment
 from bft_resources.models import ModelResource
 from bft_resources.seed_source import SeedSource
 from bft_resources.storage import Storage, storage_for
@@ -134,6 +135,12 @@ class BftInstance:
     @cached_property
     def directions(self) -> dg.StaticPartitionsDefinition:
         return dg.StaticPartitionsDefinition(list(DIRECTIONS))
+
+    @staticmethod
+    def partition(context: dg.AssetExecutionContext) -> str:
+        """The run's partition key, refused before anything touches a file when it is not a
+        safe path segment (anyone with the UI can add a shard partition)."""
+        return safe_segment(context.partition_key)
 
     def recipe(self, name: str) -> RecipeSpec:
         for recipe in self.recipes:

@@ -62,6 +62,21 @@ def neutralize(text: str, special_tokens: list[str] | tuple[str, ...] = ()) -> s
     return _SCORE_LABEL.sub(lambda m: f"{m.group(1)} of", text)
 
 
+# A line that is nothing but a rating ("Score: 5", "**Rating** - 5/5", "Score of 4"): in a
+# document under review it is the document grading itself.
+_SELF_RATING = re.compile(
+    r"^[^\w\n]*(?:final\s+|overall\s+)?(?:score|rating|grade)\b[^\w\n]*(?:of\s+|is\s+)?"
+    r"\d+(?:\.\d+)?\s*(?:(?:/|out\s+of)\s*\d+)?[^\w\n]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def drop_self_ratings(text: str) -> str:
+    """The text without lines that only state a score, so a document sent for scoring cannot
+    steer its own grade (the scoring prompt itself stays byte for byte)."""
+    return _SELF_RATING.sub("", text)
+
+
 def llama2_inst(message: str) -> str:
     """The paper's rendering of a message for a model with no chat template."""
     return f"[INST] {message} [/INST]"

@@ -118,7 +118,7 @@ def build_rewritten_dataset(inst: BftInstance) -> dg.AssetsDefinition:
         trains on: the table each recipe selects its training data from."""
         r = inst.bound(context)
         storage, rewriter_model = r.storage, r.rewriter_model
-        shard = context.partition_key
+        shard = inst.partition(context)
         pairs = storage.read(inst.table(SCORED_POOL), shard).with_columns(row_id=pl.col("doc_id"))
         selected = pairs.filter(selection(needs["rewrite"]))
         to_distill = pairs.filter(selection(needs["distill"]))
@@ -151,6 +151,7 @@ def build_rewritten_dataset(inst: BftInstance) -> dg.AssetsDefinition:
             distilled, distill_stats = distill_work.run(
                 to_distill, distill, settings.batch_rows, context.log.info, "answers"
             )
+            served = model.reference  # an endpoint's: the model the server says answered
 
         extracted = [
             extract_rewrite(reply, settings.force_format, finish)
@@ -170,7 +171,7 @@ def build_rewritten_dataset(inst: BftInstance) -> dg.AssetsDefinition:
             .join(distilled, on="row_id", how="left")
             .with_columns(
                 rewrite_status=pl.col("rewrite_status").fill_null(NOT_SELECTED),
-                rewriter=pl.lit(rewriter_model.reference),
+                rewriter=pl.lit(served),
             )
             .drop("row_id")
         )
@@ -202,7 +203,7 @@ def build_rewritten_dataset(inst: BftInstance) -> dg.AssetsDefinition:
                     width=120,
                 ),
                 "path": dg.MetadataValue.path(uri),
-                "model": rewriter_model.reference,
+                "model": served,
                 "prompt_version": REWRITE.version,
             },
             check_results=[

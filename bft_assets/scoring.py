@@ -24,7 +24,7 @@ from bft_assets.generation import (
     work_metadata,
 )
 from bft_assets.instance import BACKTRANSLATED_POOL, SCORED_POOL, BftInstance
-from bft_assets.prompts import SCORE, llama2_inst
+from bft_assets.prompts import SCORE, drop_self_ratings, llama2_inst
 from bft_assets.reporting import markdown_table, sample_rows, table_metadata
 from bft_resources.engine import Chat
 from bft_resources.quality import Rule, run_rules
@@ -80,7 +80,13 @@ def score_from_logprobs(logprobs: Mapping[str, float]) -> tuple[int | None, floa
 
 def _score_chats(batch: pl.DataFrame, clean, prefix: str) -> list[Chat]:
     return [
-        Chat(SCORE.render(generated_instruction=clean(i), output=clean(r)), assistant_prefix=prefix)
+        Chat(
+            SCORE.render(
+                generated_instruction=clean(drop_self_ratings(i)),
+                output=clean(drop_self_ratings(r)),
+            ),
+            assistant_prefix=prefix,
+        )
         for i, r in zip(batch["instruction"], batch["response"], strict=True)
     ]
 
@@ -124,7 +130,7 @@ def build_scored_pool(inst: BftInstance) -> dg.AssetsDefinition:
         once: each recipe applies its own threshold where it selects."""
         r = inst.bound(context)
         storage = r.storage
-        shard = context.partition_key
+        shard = inst.partition(context)
         pool = storage.read(inst.table(BACKTRANSLATED_POOL), shard).with_columns(
             row_id=pl.col("doc_id")
         )
@@ -165,6 +171,7 @@ def build_scored_pool(inst: BftInstance) -> dg.AssetsDefinition:
             scored, stats = work.run(
                 to_score, process, settings.batch_rows, context.log.info, "pairs"
             )
+            served = model.reference  # an endpoint's: the model the server says answered
 
         table_out = (
             pool.join(scored.drop("prompt_tokens", "completion_tokens"), on="row_id", how="left")
@@ -173,7 +180,7 @@ def build_scored_pool(inst: BftInstance) -> dg.AssetsDefinition:
                 .then(pl.lit(NOT_SCORED_FLAGGED))
                 .otherwise(pl.col("score_reason")),
                 score_mode=pl.lit(settings.mode),
-                scorer=pl.lit(model_ref.reference),
+                scorer=pl.lit(served),
             )
             .drop("row_id")
         )
@@ -198,7 +205,7 @@ def build_scored_pool(inst: BftInstance) -> dg.AssetsDefinition:
                 "mode": settings.mode,
                 "sample": sample_rows(table_out, ["instruction", "response", "score", "score_reason"]),
                 "path": dg.MetadataValue.path(uri),
-                "model": model_ref.reference,
+                "model": served,
                 "prompt_version": SCORE.version,
             },
             check_results=[

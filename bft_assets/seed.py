@@ -17,6 +17,7 @@ from bft_assets.checks import accounting_check
 from bft_assets.instance import SEED_EXAMPLES, BftInstance, digest
 from bft_assets.reporting import counts_table, percentile_metadata, sample_rows, table_metadata
 from bft_resources.quality import Rule, run_rules
+from bft_resources.seed_source import UnreadableFile
 from bft_resources.storage import table_name
 
 BAD_JSON = "bad_json"
@@ -28,9 +29,10 @@ NO_RANK0_REPLY = "no_rank0_reply"
 EMPTY_TEXT = "empty_text"
 DUPLICATE_ID = "duplicate_id"
 OVER_CAP = "over_cap"
+UNREADABLE_FILE = "unreadable_file"
 SEED_DROP_REASONS = (
     BAD_JSON, NOT_A_PAIR, ROOT_NOT_ENGLISH, ROOT_DELETED, ROOT_SYNTHETIC, NO_RANK0_REPLY,
-    EMPTY_TEXT, DUPLICATE_ID, OVER_CAP,
+    EMPTY_TEXT, DUPLICATE_ID, OVER_CAP, UNREADABLE_FILE,
 )  # fmt: skip
 
 _INSTRUCTION_KEYS = ("instruction", "prompt", "question")
@@ -128,7 +130,11 @@ def select_seed_pairs(
     seen: set[str] = set()
     for where, record in records:
         read += 1
-        pair = BAD_JSON if isinstance(record, Exception) else to_pair(record)
+        detail = str(record) if isinstance(record, Exception) else ""
+        if isinstance(record, Exception):
+            pair = UNREADABLE_FILE if isinstance(record, UnreadableFile) else BAD_JSON
+        else:
+            pair = to_pair(record)
         if isinstance(pair, dict) and not (
             pair["instruction"].strip() and pair["response"].strip()
         ):
@@ -138,14 +144,16 @@ def select_seed_pairs(
         elif isinstance(pair, dict) and len(kept) >= max_examples:
             pair = OVER_CAP
         if isinstance(pair, str):
-            drops.append({"where": where, "reason": pair})
+            drops.append({"where": where, "reason": pair, "detail": detail})
             continue
         seen.add(pair["id"])
         kept.append({**pair, "where": where})
     pairs = pl.DataFrame(
         kept, schema=dict.fromkeys(("id", "instruction", "response", "source", "where"), pl.String)
     )
-    rejects = pl.DataFrame(drops, schema={"where": pl.String, "reason": pl.String})
+    rejects = pl.DataFrame(
+        drops, schema={"where": pl.String, "reason": pl.String, "detail": pl.String}
+    )
     return pairs, rejects, read
 
 

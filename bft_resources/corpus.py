@@ -17,6 +17,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from bft_resources.keys import safe_segment, unsafe_reason
 from bft_resources.s3 import S3Location, is_s3, list_objects
 from bft_resources.s3 import client as s3_client
 
@@ -26,6 +27,15 @@ _READ_CHUNK = 1 << 20
 
 class ShardReadError(RuntimeError):
     """A shard could not be read to its end (truncated or corrupt compression)."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A shard file that gets no partition, and why (an unsafe or colliding key)."""
+
+    uri: str
+    key: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -67,12 +77,29 @@ class CorpusSource(dg.ConfigurableResource):
             raise ValueError(f"corpus {self.uri!r}: use a local folder or s3://bucket/prefix")
         return Path(self.uri.removeprefix("file://")).expanduser().resolve()
 
+    def survey(self) -> tuple[list[Shard], list[Refused]]:
+        """The shards that can be partitions, and the files refused with a reason: a key that
+        is not a safe path segment, or one that two files map to (neither gets it, so a
+        partition never reads the wrong file). One bad name does not hide the others."""
+        found = self._list_s3() if self._on_s3 else self._list_local()
+        by_key: dict[str, list[Shard]] = {}
+        for shard in found:
+            by_key.setdefault(shard.key, []).append(shard)
+        shards, refused = [], []
+        for key, same in sorted(by_key.items()):
+            reason = unsafe_reason(key)
+            if reason is None and len(same) > 1:
+                reason = "files collide on it: " + ", ".join(s.uri for s in same)
+            if reason is None:
+                shards.append(same[0])
+            else:
+                refused += [
+                    Refused(s.uri, key, f"partition key {key!r} refused: {reason}") for s in same
+                ]
+        return shards, refused
+
     def list_shards(self) -> list[Shard]:
-        shards = self._list_s3() if self._on_s3 else self._list_local()
-        keys = [s.key for s in shards]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"two shards in {self.uri} map to the same partition key: {keys}")
-        return shards
+        return self.survey()[0]
 
     def _list_local(self) -> list[Shard]:
         root = self._root
@@ -95,6 +122,7 @@ class CorpusSource(dg.ConfigurableResource):
         return sorted(shards, key=lambda s: s.key)
 
     def shard(self, key: str) -> Shard:
+        safe_segment(key)  # a key added by hand is refused before any listing or read
         for shard in self.list_shards():
             if shard.key == key:
                 return shard

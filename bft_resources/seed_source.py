@@ -14,6 +14,10 @@ from pydantic import Field
 SEED_SUFFIXES = frozenset({".jsonl", ".json", ".parquet"})
 
 
+class UnreadableFile(Exception):
+    """A seed file that cannot be read at all; it is one record, dropped with its reason."""
+
+
 class SeedSource(dg.ConfigurableResource):
     """Where the seed set lives: a file or a folder of files."""
 
@@ -37,7 +41,12 @@ class SeedSource(dg.ConfigurableResource):
         JSON yields its exception as the record, so the caller counts it as a drop."""
         for path in self.files():
             if path.suffix == ".parquet":
-                for i, row in enumerate(pl.read_parquet(path).iter_rows(named=True), start=1):
+                try:
+                    frame = pl.read_parquet(path)
+                except Exception as exc:  # one bad file is a counted drop, not the whole seed
+                    yield path.name, UnreadableFile(f"{path}: unreadable Parquet ({exc})")
+                    continue
+                for i, row in enumerate(frame.iter_rows(named=True), start=1):
                     yield f"{path.name}:{i}", row
                 continue
             with open(path, "rb") as handle:

@@ -25,7 +25,10 @@ import pyarrow.parquet as pq
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from bft_resources.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
+from bft_resources.checkpoints import verify_checkpoint
 from bft_resources.files import file_lock
+from bft_resources.keys import safe_relative, safe_segment
 from bft_resources.s3 import (
     S3Location,
     download_folder,
@@ -37,7 +40,9 @@ from bft_resources.s3 import (
 )
 from bft_resources.s3 import client as s3_client
 
-CHECKPOINT_MANIFEST = "manifest.json"  # a checkpoint is whole once its manifest exists
+
+class TableReadError(RuntimeError):
+    """A stored table that cannot be read (truncated, corrupt, not Parquet)."""
 
 
 def _no_table(where: str, asset: str, partition: str | None) -> str:
@@ -50,8 +55,12 @@ def _no_checkpoint(where: str, asset: str, partition: str) -> str:
 
 
 def table_name(asset: str, partition: str | None = None, suffix: str | None = None) -> str:
-    """Relative path of a table: ``asset/partition[.suffix].parquet`` or ``asset[.suffix].parquet``."""
-    stem = f"{asset}/{partition}" if partition else asset
+    """Relative path of a table: ``asset/partition[.suffix].parquet`` or ``asset[.suffix].parquet``.
+    Every part must be a safe path segment (UnsafeKeyError otherwise)."""
+    safe_relative(asset, "asset path")
+    if suffix:
+        safe_segment(suffix, "table suffix")
+    stem = f"{asset}/{safe_segment(partition)}" if partition else asset
     if suffix:
         stem = f"{stem}.{suffix}"
     return f"{stem}.parquet"
@@ -111,14 +120,27 @@ class Storage(dg.ConfigurableResource, ABC):
     def read(
         self, asset: str, partition: str | None = None, suffix: str | None = None
     ) -> pl.DataFrame:
-        """Read a whole table."""
-        return pl.read_parquet(self.local_table(asset, partition, suffix))
+        """Read a whole table; TableReadError names the file when it cannot be read."""
+        path = self.local_table(asset, partition, suffix)
+        try:
+            return pl.read_parquet(path)
+        except Exception as exc:  # polars/arrow say what broke but not which file
+            raise TableReadError(
+                f"{self.uri(table_name(asset, partition, suffix))}: unreadable table ({exc})"
+            ) from exc
 
     def scan(
         self, asset: str, partition: str | None = None, suffix: str | None = None
     ) -> pl.LazyFrame:
         """A table, lazily: read only the columns and rows a query needs."""
-        return pl.scan_parquet(self.local_table(asset, partition, suffix))
+        path = self.local_table(asset, partition, suffix)
+        try:
+            pq.read_metadata(path)  # a truncated file fails here, with its name, not mid-query
+        except Exception as exc:
+            raise TableReadError(
+                f"{self.uri(table_name(asset, partition, suffix))}: unreadable table ({exc})"
+            ) from exc
+        return pl.scan_parquet(path)
 
     @abstractmethod
     def exists(self, asset: str, partition: str | None = None, suffix: str | None = None) -> bool:
@@ -170,7 +192,7 @@ class LocalStorage(Storage):
         return Path(self.root).expanduser().resolve()
 
     def path(self, relative: str) -> Path:
-        return self._root / relative
+        return self._root / safe_relative(relative, "storage path")
 
     def uri(self, relative: str) -> str:
         return str(self.path(relative))
@@ -201,7 +223,7 @@ class LocalStorage(Storage):
         return self.path(table_name(asset, partition, suffix)).exists()
 
     def checkpoint_dir(self, asset: str, partition: str) -> Path:
-        return self._root / asset / partition
+        return self._root / safe_relative(asset, "asset path") / safe_segment(partition)
 
     def publish_checkpoint(self, asset: str, partition: str) -> str:
         # The trainer already stages the folder and renames it into place, manifest inside.
@@ -211,6 +233,7 @@ class LocalStorage(Storage):
         folder = self.checkpoint_dir(asset, partition)
         if not (folder / CHECKPOINT_MANIFEST).exists():
             raise FileNotFoundError(_no_checkpoint(str(folder), asset, partition))
+        verify_checkpoint(folder)
         return folder
 
     def write_text(self, relative: str, text: str) -> str:
@@ -219,9 +242,14 @@ class LocalStorage(Storage):
         return self.uri(relative)
 
     def scratch_dir(self, asset: str, partition: str | None, key: str) -> Path:
-        folder = self._root / ".work" / asset / (partition or "_") / key
+        folder = self._root / ".work" / scratch_path(asset, partition, key)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+def scratch_path(asset: str, partition: str | None, key: str) -> str:
+    safe_relative(asset, "asset path")
+    return f"{asset}/{safe_segment(partition) if partition else '_'}/{safe_segment(key, 'scratch key')}"
 
 
 @contextlib.contextmanager
@@ -310,14 +338,16 @@ class S3Storage(Storage):
         return head(self._client(), location) is not None
 
     def write_text(self, relative: str, text: str) -> str:
-        location = self._location.child(relative)
+        location = self._location.child(safe_relative(relative, "storage path"))
         self._client().put_object(
             Bucket=location.bucket, Key=location.key, Body=text.encode("utf-8")
         )
         return location.uri
 
     def checkpoint_dir(self, asset: str, partition: str) -> Path:
-        folder = self._cache / ".staging" / asset / partition
+        folder = (
+            self._cache / ".staging" / safe_relative(asset, "asset path") / safe_segment(partition)
+        )
         folder.parent.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -325,7 +355,7 @@ class S3Storage(Storage):
         staged = self.checkpoint_dir(asset, partition)
         if not (staged / CHECKPOINT_MANIFEST).exists():
             raise FileNotFoundError(_no_checkpoint(str(staged), asset, partition))
-        folder = self._location.child(f"{asset}/{partition}")
+        folder = self._location.child(f"{asset}/{safe_segment(partition)}")
         manifest = folder.child(CHECKPOINT_MANIFEST)
         client = self._client()
         client.delete_object(Bucket=manifest.bucket, Key=manifest.key)
@@ -342,7 +372,9 @@ class S3Storage(Storage):
         return self._cache / ".checkpoints" / asset / partition / manifest_etag.strip('"')
 
     def fetch_checkpoint(self, asset: str, partition: str) -> Path:
-        folder = self._location.child(f"{asset}/{partition}")
+        folder = self._location.child(
+            f"{safe_relative(asset, 'asset path')}/{safe_segment(partition)}"
+        )
         client = self._client()
         meta = head(client, folder.child(CHECKPOINT_MANIFEST))
         if meta is None:
@@ -352,10 +384,11 @@ class S3Storage(Storage):
             with file_lock(local.with_name(f"{local.name}.lock")):
                 if not (local / CHECKPOINT_MANIFEST).exists():
                     download_folder(client, folder, list(list_objects(client, folder)), local)
+        verify_checkpoint(local)
         return local
 
     def scratch_dir(self, asset: str, partition: str | None, key: str) -> Path:
-        folder = self._cache / ".work" / asset / (partition or "_") / key
+        folder = self._cache / ".work" / scratch_path(asset, partition, key)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 

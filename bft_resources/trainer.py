@@ -28,7 +28,8 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from bft_resources.storage import CHECKPOINT_MANIFEST
+from bft_resources.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
+from bft_resources.checkpoints import write_manifest
 
 IGNORE_INDEX = -100
 MESSAGE_SLOT = "\x00message\x00"
@@ -111,13 +112,31 @@ def render_full(
     return f"{render_prompt(tokenizer, message, fallback)} {response}{tokenizer.eos_token or ''}"
 
 
+def control_strings(tokenizer) -> list[str]:
+    """The strings a tokenizer reads as control tokens (``<|im_start|>``, ``</s>``, ...)."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def plain_text(text: str, controls: Sequence[str]) -> str:
+    """Training text with control strings removed: a web page that carries
+    ``<|im_start|>`` must not teach the model to open a turn in the middle of an answer.
+    Only the chat template places control tokens."""
+    for token in controls:
+        text = text.replace(token, "")
+    return text
+
+
 def encode_example(
     tokenizer, example: TrainingExample, max_len: int, fallback: Callable[[str], str] | None = None
 ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): labels are -100 on the prompt, the token ids on the
     response (and its end-of-turn), so the loss is on response tokens only."""
-    prompt = render_prompt(tokenizer, example.prompt, fallback)
-    full = render_full(tokenizer, example.prompt, example.response, fallback)
+    controls = control_strings(tokenizer)
+    message, response = plain_text(example.prompt, controls), plain_text(example.response, controls)
+    prompt = render_prompt(tokenizer, message, fallback)
+    full = render_full(tokenizer, message, response, fallback)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently inside a conversation")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -320,7 +339,7 @@ def _save(model, tokenizer, target: Path, manifest: dict[str, Any]) -> None:
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest.update(write_manifest(staging, manifest))
     old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
     if target.exists():
         os.replace(target, old)

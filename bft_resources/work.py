@@ -1,17 +1,30 @@
 """Resumable batch work: each finished batch is a Parquet part in a scratch folder keyed by
 asset, partition and the settings that produced it, so a crash or a kill loses at most the
-batch in flight and a retry generates only what is missing."""
+batch in flight and a retry generates only what is missing.
+
+Two runs of one partition (a pool of 2) take turns on the folder: an exclusive lock beside
+it is held while a run works in it and while it is cleared, so neither reads a part the
+other is deleting. Leftovers of a killed run (a half-written ``.part-*.tmp``) are ignored
+and removed with the folder; a part that cannot be read is discarded, and its rows are
+generated again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,21 +41,39 @@ class WorkStats:
 
 
 class ResumableWork:
-    def __init__(self, folder: Path, key_column: str):
+    def __init__(self, folder: Path, key_column: str, log: Callable[[str], None] = _log.warning):
         self.folder = folder
         self.key_column = key_column
+        self.warn = log
         folder.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's exclusive turn on the folder; another run of the same partition
+        waits here, asleep in flock, not spinning."""
+        lock = self.folder.with_name(f"{self.folder.name}.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
     def done(self) -> pl.DataFrame | None:
-        parts = self._parts()
-        return (
-            pl.concat([pl.read_parquet(p) for p in parts], how="vertical_relaxed")
-            if parts
-            else None
-        )
+        """Every readable finished part; an unreadable one (a disk error, a kill mid-copy)
+        is discarded with a warning that names it, and its rows are done again."""
+        frames = []
+        for part in self._parts():
+            try:
+                frames.append(pl.read_parquet(part))
+            except Exception as exc:
+                self.warn(f"discarding unreadable scratch part {part}: {exc}")
+                part.unlink(missing_ok=True)
+        return pl.concat(frames, how="vertical_relaxed") if frames else None
 
     def save(self, frame: pl.DataFrame) -> None:
         final = self.folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
@@ -51,9 +82,9 @@ class ResumableWork:
         os.replace(tmp, final)
 
     def clear(self) -> None:
-        for part in self._parts():
-            part.unlink()
-        self.folder.rmdir()
+        """Remove the folder and whatever a killed run left in it."""
+        with self._turn():
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def run(
         self,
@@ -67,6 +98,18 @@ class ResumableWork:
 
         ``process`` returns one output row per input row, with the key column and, where it
         generated text, ``prompt_tokens``/``completion_tokens`` columns."""
+        with self._turn():
+            self.folder.mkdir(parents=True, exist_ok=True)  # a run before ours may have cleared it
+            return self._run(rows, process, batch_rows, log, label)
+
+    def _run(
+        self,
+        rows: pl.DataFrame,
+        process: Callable[[pl.DataFrame], pl.DataFrame],
+        batch_rows: int,
+        log: Callable[[str], None],
+        label: str,
+    ) -> tuple[pl.DataFrame, WorkStats]:
         stats = WorkStats()
         done = self.done()
         finished = set() if done is None else set(done[self.key_column].to_list())

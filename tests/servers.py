@@ -63,6 +63,15 @@ class FaultInjectingProxy:
     forwards everything; once the script is used up, ``always`` (if set) is the fault of
     every request (a server that stays down), after ``forwards_left`` more forwards."""
 
+    # A server that echoes the credentials it was sent in its error body; one that asks to be
+    # left alone for a day; a proxy that answers 200 with an HTML page.
+    ANSWERS = {
+        "echo401": lambda h: (401, {"Content-Type": "application/json"},
+                              json.dumps({"error": f"invalid credentials: {h.get('Authorization')}"})),
+        "retry-after-day": lambda h: (503, {"Retry-After": "100000"}, ""),
+        "html200": lambda h: (200, {"Content-Type": "text/html"}, "<html><body>Gateway login</body></html>"),
+    }  # fmt: skip
+
     def __init__(self, upstream: str, hang_s: float = 3.0):
         self.upstream = upstream.rstrip("/")
         self.hang_s = hang_s
@@ -90,6 +99,15 @@ class FaultInjectingProxy:
                     self.send_response(int(fault))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if fault and fault in proxy.ANSWERS:  # scripted answers of a misbehaving server
+                    status, headers, text = proxy.ANSWERS[fault](self.headers)
+                    payload = text.encode()
+                    self.send_response(status)
+                    for name, value in {**headers, "Content-Length": str(len(payload))}.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(payload)
                     return
                 request = urllib.request.Request(
                     proxy.upstream + self.path.removeprefix("/v1"),

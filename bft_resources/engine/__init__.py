@@ -77,8 +77,9 @@ class InferenceEngine(dg.ConfigurableResource):
             if not self.base_url:
                 raise ValueError("the endpoint backend needs base_url")
             client = EndpointClient(
-                self.base_url, self.api_key, self.max_concurrency, self.max_retries, self.timeout_s
-            )
+                self.base_url, self.api_key, self.max_concurrency, self.max_retries, self.timeout_s,
+                backoff_s=self.retry_backoff_s,
+            )  # fmt: skip
             return EndpointModel(client, self.served_model or model.model)
         # The whole reference, revision and storage included, decides what is loaded.
         path = str(model.local_path())

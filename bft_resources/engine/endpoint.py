@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,9 @@ import requests
 from bft_resources.engine.base import Chat, Generation, LoadedModel, LogprobsUnavailable, Sampling
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER_S = 60.0  # a server asking for more is waited on this long, then tried again
+_BODY_EXCERPT = 200
+_SECRET_LIKE = re.compile(r"(?i)(bearer\s+|api[_-]?key\W{1,3}|sk-)[\w.\-]{6,}")
 
 
 class EndpointError(RuntimeError):
@@ -39,6 +43,7 @@ class EndpointClient:
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.base_url = base_url.rstrip("/")
+        self._secret = api_key or None
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.timeout_s = timeout_s
@@ -48,6 +53,14 @@ class EndpointClient:
         if api_key:
             self._session.headers["Authorization"] = f"Bearer {api_key}"
         self.retries = 0  # how many retries this client made, for metadata
+        self.served_models: set[str] = set()  # what the server says answered
+
+    def redact(self, text: str) -> str:
+        """Text from a server made safe for an error message and a log: the configured key,
+        and anything shaped like a key or a bearer token, removed."""
+        if self._secret:
+            text = text.replace(self._secret, "[redacted]")
+        return _SECRET_LIKE.sub(r"\1[redacted]", text)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
@@ -67,18 +80,25 @@ class EndpointClient:
                 retry_after = response.headers.get("Retry-After")
                 continue
             if response.status_code >= 400:
-                raise EndpointError(
-                    f"{url} answered HTTP {response.status_code}: {response.text[:300]}"
-                )
-            return response.json()
+                excerpt = self.redact(response.text[:_BODY_EXCERPT])
+                raise EndpointError(f"{url} answered HTTP {response.status_code}: {excerpt}")
+            try:
+                reply = response.json()
+            except ValueError:  # a proxy's HTML error page under a 200: retried like a 5xx
+                last = f"HTTP {response.status_code} with a body that is not JSON"
+                continue
+            if isinstance(reply, dict) and isinstance(reply.get("model"), str):
+                self.served_models.add(reply["model"])
+            return reply
         raise EndpointError(
             f"{url} failed after {self.max_retries + 1} attempts; last error: {last}"
         )
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
-        """Exponential backoff with jitter, unless the server said how long to wait."""
+        """Exponential backoff with jitter, unless the server said how long to wait (capped:
+        a Retry-After of a day would hold the GPU slot for a day)."""
         if retry_after and retry_after.replace(".", "", 1).isdigit():
-            return float(retry_after)
+            return min(float(retry_after), MAX_RETRY_AFTER_S)
         return self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -89,8 +109,13 @@ class EndpointClient:
 class EndpointModel(LoadedModel):
     def __init__(self, client: EndpointClient, model: str):
         self.client = client
-        self.reference = model
         self.model = model
+
+    @property
+    def reference(self) -> str:  # type: ignore[override]
+        """The model the server says answered (it may differ from the name asked for)."""
+        served = sorted(self.client.served_models)
+        return ",".join(served) if served else self.model
 
     def _messages(self, chat: Chat) -> list[dict[str, str]]:
         messages = [{"role": "user", "content": chat.user}]

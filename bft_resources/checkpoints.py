@@ -1,0 +1,77 @@
+"""Checkpoint manifests that vouch for every file: a checkpoint is whole when its
+``manifest.json`` exists, and intact when every file still has the hash the manifest lists."""
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"  # a checkpoint is whole once its manifest exists
+FILES = "files"  # manifest entry: relative path -> sha256
+_VERIFIED = ".bft-verified.json"  # size and mtime of each file when its hash last matched
+_CHUNK = 1 << 22
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint file that is missing or no longer has the hash its manifest lists."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, _VERIFIED) and not p.name.startswith(".bft-")
+    )
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.json`` into ``folder`` with the sha256 of every other file."""
+    hashes = {p.relative_to(folder).as_posix(): _sha256(p) for p in _files(folder)}
+    whole = {**manifest, FILES: hashes}
+    (folder / MANIFEST).write_text(json.dumps(whole, indent=2))
+    return whole
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check every file the manifest lists against its hash (files unchanged since the last
+    check, by size and mtime, are not hashed again). CheckpointCorrupt names the file."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    hashes = manifest.get(FILES)
+    if not hashes:
+        raise CheckpointCorrupt(
+            f"{folder / MANIFEST} lists no file hashes (written before bft verified checkpoints): "
+            "materialize the checkpoint again"
+        )
+    record = folder / _VERIFIED
+    try:
+        verified = json.loads(record.read_text())
+    except (OSError, ValueError):
+        verified = {}
+    for name, expected in sorted(hashes.items()):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointCorrupt(f"{path}: listed in {MANIFEST} but missing")
+        if verified.get(name) == _stamp(path):
+            continue
+        if _sha256(path) != expected:
+            raise CheckpointCorrupt(
+                f"{path}: contents differ from the sha256 in {MANIFEST} (corrupt or overwritten)"
+            )
+        verified[name] = _stamp(path)
+    # A read-only copy is verified again next time, never trusted blindly.
+    with contextlib.suppress(OSError):
+        record.write_text(json.dumps(verified))
