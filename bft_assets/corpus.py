@@ -28,6 +28,7 @@ from bft_resources.quality import Rule, run_rules
 from bft_resources.storage import table_name
 
 SHARD_SENSOR = "corpus_shard_sensor"
+_log = logging.getLogger(__name__)
 FILTER_VERSION = "filters-v1"
 _BATCH_LINES = 2048
 
@@ -70,7 +71,7 @@ def new_shard_keys(
     corpus: CorpusSource,
     instance: dg.DagsterInstance,
     partitions: str,
-    warn: Callable[[str], None] = logging.getLogger(__name__).warning,
+    warn: Callable[[str], None] = _log.warning,
 ) -> list[str]:
     """Shards under the corpus root that have no partition yet; files whose key is unsafe or
     collides are reported through ``warn`` and left out, the others still come."""
@@ -85,7 +86,7 @@ def discover_shards(
     corpus: CorpusSource,
     instance: dg.DagsterInstance,
     partitions: str,
-    warn: Callable[[str], None] = logging.getLogger(__name__).warning,
+    warn: Callable[[str], None] = _log.warning,
 ) -> list[str]:
     """Add a dynamic partition for every shard not yet known; return the new keys."""
     new = new_shard_keys(corpus, instance, partitions, warn)

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 
 def free_port() -> int:
@@ -65,7 +66,7 @@ class FaultInjectingProxy:
 
     # A server that echoes the credentials it was sent in its error body; one that asks to be
     # left alone for a day; a proxy that answers 200 with an HTML page.
-    ANSWERS = {
+    ANSWERS: ClassVar[dict] = {
         "echo401": lambda h: (401, {"Content-Type": "application/json"},
                               json.dumps({"error": f"invalid credentials: {h.get('Authorization')}"})),
         "retry-after-day": lambda h: (503, {"Retry-After": "100000"}, ""),

@@ -117,7 +117,7 @@ def test_leftover_and_corrupt_scratch_parts_do_not_poison_a_retry(tmp_path):
     work = ResumableWork(folder, "row_id", warnings.append)
     with pytest.raises(RuntimeError, match="injected crash"):
         work.run(_numbers(8), crash_after_two, 2)
-    first, second = sorted(folder.glob("part-*.parquet"))
+    _, second = sorted(folder.glob("part-*.parquet"))
     (folder / ".part-killed.parquet.tmp").write_bytes(b"PAR1 half a part")  # a kill mid-write
     second.write_bytes(second.read_bytes()[:40])  # a part cut short on disk
 
