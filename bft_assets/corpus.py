@@ -19,7 +19,7 @@ from bft_assets.instance import (
     BftInstance,
     digest,
 )
-from bft_assets.policies import ONE_PARTITION_PER_RUN
+from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
 from bft_assets.reporting import counts_table, percentile_metadata, sample_rows, table_metadata
 from bft_resources.corpus import CorpusSource
@@ -88,10 +88,15 @@ def discover_shards(
     partitions: str,
     warn: Callable[[str], None] = _log.warning,
 ) -> list[str]:
-    """Add a dynamic partition for every shard not yet known; return the new keys."""
+    """Add a dynamic partition for every shard not yet known; return the new keys. The gpu
+    pool the shards' runs will need is registered at its default limit too: a pool the
+    instance has never seen is not counted when the queue first dequeues, which would let
+    two GPU runs start at once on a fresh instance."""
     new = new_shard_keys(corpus, instance, partitions, warn)
     if new:
         instance.add_dynamic_partitions(partitions, new)
+        if instance.global_op_concurrency_default_limit:
+            instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
     return new
 
 
@@ -109,6 +114,8 @@ def build_shard_sensor(inst: BftInstance) -> dg.SensorDefinition:
         if not new:
             return dg.SensorResult(skip_reason="no new shards")
         context.log.info(f"new shards: {new}")
+        if context.instance.global_op_concurrency_default_limit:  # see discover_shards
+            context.instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
         return dg.SensorResult(dynamic_partitions_requests=[inst.shards.build_add_request(new)])
 
     return corpus_shard_sensor

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -252,10 +253,24 @@ def scratch_path(asset: str, partition: str | None, key: str) -> str:
     return f"{asset}/{safe_segment(partition) if partition else '_'}/{safe_segment(key, 'scratch key')}"
 
 
+# A temporary file beside a table that nobody has written to for this long was left by a
+# killed writer (a live writer streams row groups into it, which keeps its mtime fresh).
+ORPHAN_AFTER_S = 15 * 60
+
+
+def _remove_orphans(final: Path) -> None:
+    cutoff = time.time() - ORPHAN_AFTER_S
+    for orphan in final.parent.glob(f".{final.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if orphan.stat().st_mtime < cutoff:
+                orphan.unlink()
+
+
 @contextlib.contextmanager
 def _atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it over ``final`` only on success."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(final)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp

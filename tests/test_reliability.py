@@ -361,3 +361,17 @@ def test_a_judge_failure_mid_evaluation_keeps_the_answers(tmp_path, tiny_tokeniz
     assert (
         meta["judgements_reused"].value == 2
     )  # the batch judged before the failure (probe, both orders)
+
+
+def test_an_orphaned_table_write_is_cleaned_up_by_the_next_write(tmp_path):
+    storage = LocalStorage(root=str(tmp_path))
+    folder = tmp_path / "t" / "scored_pool"
+    folder.mkdir(parents=True)
+    old = folder / ".s0.parquet.deadbeef.tmp"  # what a writer killed an hour ago left
+    old.write_bytes(b"half a table")
+    os.utime(old, (1, 1))
+    live = folder / ".s0.parquet.cafe.tmp"  # another writer's, still being written
+    live.write_bytes(b"in progress")
+    storage.write("t/scored_pool", pl.DataFrame({"a": [1]}), partition="s0")
+    assert not old.exists() and live.exists()
+    assert storage.read("t/scored_pool", "s0")["a"].to_list() == [1]
