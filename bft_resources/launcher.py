@@ -63,6 +63,7 @@ class LocalRunLauncher(DefaultRunLauncher):
             return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone")
         if started > logged_at + 1.0:
             return CheckRunHealthResult(
-                WorkerStatus.FAILED, f"run worker process {pid} is gone (its pid now names a newer process)"
+                WorkerStatus.FAILED,
+                f"run worker process {pid} is gone (its pid now names a newer process)",
             )
         return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=str(pid))

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+from instances import attributes, declare, materialize
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
@@ -22,7 +23,6 @@ from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES
 from bft_resources.corpus import CorpusSource
 
 from conftest import REPO
-from instances import attributes, declare, materialize
 from servers import dagster_dev, graphql
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,9 @@ def _wait(what: str, seconds: float, ready) -> float:
     raise TimeoutError(f"{what} did not happen within {seconds} s")
 
 
-def test_a_killed_run_releases_its_partition_and_the_next_run_resumes(tmp_path, tiny_tokenizer_model):
+def test_a_killed_run_releases_its_partition_and_the_next_run_resumes(
+    tmp_path, tiny_tokenizer_model
+):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the shipped instance config
@@ -65,7 +67,9 @@ def test_a_killed_run_releases_its_partition_and_the_next_run_resumes(tmp_path, 
     (tmp_path / "workspace.yaml").write_text("load_from:\n  - python_file: defs.py\n")
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        (shard,) = discover_shards(CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name)
+        (shard,) = discover_shards(
+            CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name
+        )
         assert materialize(inst, [CANDIDATE_RESPONSES], instance, partition_key=shard).success
         earlier = {r.run_id for r in instance.get_runs()}
 
@@ -98,7 +102,9 @@ def test_a_killed_run_releases_its_partition_and_the_next_run_resumes(tmp_path, 
             # Run 2: launched from the UI's backfill dialog; nothing freed by hand.
             launched = graphql(url, LAUNCH, {"params": {
                 "partitionNames": [shard], "assetSelection": [{"path": ["k", BACKTRANSLATED_POOL]}]}})  # fmt: skip
-            assert launched["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", launched
+            assert launched["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", (
+                launched
+            )
 
             def second_run():
                 runs = [r for r in instance.get_runs() if r.run_id not in earlier | {run.run_id}]
@@ -107,13 +113,19 @@ def test_a_killed_run_releases_its_partition_and_the_next_run_resumes(tmp_path, 
 
             _wait("the next run to start", 90, second_run)
             started_after = time.monotonic() - killed_at
-            _wait("the next run to succeed", 240, lambda: second_run().status == dg.DagsterRunStatus.SUCCESS)
+            _wait(
+                "the next run to succeed",
+                240,
+                lambda: second_run().status == dg.DagsterRunStatus.SUCCESS,
+            )
             event = instance.get_latest_materialization_event(inst.key(BACKTRANSLATED_POOL))
             metadata = event.asset_materialization.metadata
 
     assert noticed < 60 and started_after < 120, (noticed, started_after)
     assert metadata["rows_reused"].value >= done_before >= 2  # resumed from the finished batches
-    candidates = pl.read_parquet(tmp_path / "storage" / "k" / CANDIDATE_RESPONSES / f"{shard}.parquet")
+    candidates = pl.read_parquet(
+        tmp_path / "storage" / "k" / CANDIDATE_RESPONSES / f"{shard}.parquet"
+    )
     pool = pl.read_parquet(tmp_path / "storage" / "k" / BACKTRANSLATED_POOL / f"{shard}.parquet")
     assert pool["doc_id"].to_list() == candidates["id"].to_list()
     assert "run worker process" in why and "is gone" in why, why  # bft's health check saw it

@@ -7,7 +7,8 @@ import torch
 
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst, neutralize
 from bft_resources.engine import Chat, InferenceEngine, Sampling
-from bft_resources.engine.transformers import cut_at_stop, length_sorted_batches, render
+from bft_resources.engine.prompts import render
+from bft_resources.engine.transformers import cut_at_stop, length_sorted_batches
 
 CHATS = [
     Chat(t)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 from bft_resources.engine.base import Chat, FallbackFormat, Generation, LoadedModel, Sampling
+from bft_resources.engine.prompts import prompts_token_ids
 
 
 def pick_device(requested: str) -> str:
@@ -46,19 +47,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
-
-
-def render(tokenizer, chat: Chat, fallback: FallbackFormat | None) -> str:
-    """The prompt text: the model's chat template, or the caller's fallback format."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": chat.user}], tokenize=False, add_generation_prompt=True
-        )
-    elif fallback is not None:
-        text = fallback(chat.user)
-    else:
-        raise ValueError("the model has no chat template and no fallback format was given")
-    return text + chat.assistant_prefix
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -101,19 +89,17 @@ class TransformersModel(LoadedModel):
         tokens.update(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
         return sorted(t for t in tokens if t)
 
-    def _encode(self, texts: list[str]):
-        # The template already placed BOS and the control tokens: add nothing more.
-        return self.tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self.device)
+    def _encode(self, ids: list[list[int]]):
+        """A left-padded batch of prompt ids (see engine.prompts: the same ids vLLM gets)."""
+        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(
+            self.device
+        )
 
     def generate(self, chats: Sequence[Chat], sampling: Sampling) -> list[Generation]:
         if not chats:  # a stage with nothing to do still asks, for its output's columns
             return []
-        prompts = [render(self.tokenizer, c, self.fallback) for c in chats]
-        lengths = [
-            len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        ]
+        prompts = prompts_token_ids(self.tokenizer, chats, self.fallback)
+        lengths = [len(ids) for ids in prompts]
         results: list[Generation | None] = [None] * len(prompts)
         for batch_no, batch in enumerate(length_sorted_batches(lengths, self.batch_size)):
             if sampling.seed is not None:
@@ -124,7 +110,7 @@ class TransformersModel(LoadedModel):
                 results[index] = generation
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
         inputs = self._encode(prompts)
         sample = sampling.temperature > 0
         kwargs = {"temperature": sampling.temperature, "top_p": sampling.top_p} if sample else {}
@@ -169,7 +155,7 @@ class TransformersModel(LoadedModel):
     ) -> list[dict[str, float]]:
         if not chats:
             return []
-        prompts = [render(self.tokenizer, c, self.fallback) for c in chats]
+        prompts = prompts_token_ids(self.tokenizer, chats, self.fallback)
         variants = option_token_ids(self.tokenizer, options)
         lengths = [len(p) for p in prompts]
         out: list[dict[str, float]] = [{}] * len(prompts)

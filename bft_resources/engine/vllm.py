@@ -11,9 +11,28 @@ import math
 from collections.abc import Sequence
 
 from bft_resources.engine.base import Chat, FallbackFormat, Generation, LoadedModel, Sampling
-from bft_resources.engine.transformers import option_token_ids, render
+from bft_resources.engine.prompts import prompts_token_ids
+from bft_resources.engine.transformers import option_token_ids
 
 _TOP_LOGPROBS = 20
+
+# Every name this backend passes to vLLM, by the callable that takes it. CI checks them
+# against the release the `gpu` extra allows (tests/test_vllm_contract.py): when vLLM renames
+# one, CI says which.
+VLLM_CALLS: dict[str, tuple[str, ...]] = {
+    "vllm.LLM": ("model", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
+                 "enable_prefix_caching", "dtype", "trust_remote_code"),
+    "vllm.LLM.generate": ("prompts", "sampling_params", "use_tqdm"),
+    "vllm.LLM.get_tokenizer": (),
+    "vllm.SamplingParams": ("n", "temperature", "top_p", "max_tokens", "seed", "stop", "logprobs"),
+    "vllm.inputs.TokensPrompt": ("prompt_token_ids",),
+}  # fmt: skip
+
+
+def vllm_inputs(tokenizer, chats: Sequence[Chat], fallback: FallbackFormat | None) -> list[dict]:
+    """vLLM's ``TokensPrompt`` for each chat (a TypedDict: a plain dict at run time), holding
+    the very ids the transformers backend feeds (engine.prompts)."""
+    return [{"prompt_token_ids": ids} for ids in prompts_token_ids(tokenizer, chats, fallback)]
 
 
 def import_vllm():
@@ -68,8 +87,8 @@ class VllmModel(LoadedModel):
     def generate(self, chats: Sequence[Chat], sampling: Sampling) -> list[Generation]:
         if not chats:
             return []
-        prompts = [render(self.tokenizer, c, self.fallback) for c in chats]
-        outputs = self.llm.generate(prompts, self._params(sampling), use_tqdm=False)
+        prompts = vllm_inputs(self.tokenizer, chats, self.fallback)
+        outputs = self.llm.generate(prompts, sampling_params=self._params(sampling), use_tqdm=False)
         return [
             Generation(
                 texts=tuple(o.text for o in out.outputs),
@@ -83,11 +102,13 @@ class VllmModel(LoadedModel):
     def option_logprobs(
         self, chats: Sequence[Chat], options: Sequence[str]
     ) -> list[dict[str, float]]:
-        prompts = [render(self.tokenizer, c, self.fallback) for c in chats]
+        if not chats:
+            return []
+        prompts = vllm_inputs(self.tokenizer, chats, self.fallback)
         params = self._params(Sampling(temperature=0.0, max_tokens=1, n=1), logprobs=_TOP_LOGPROBS)
         variants = option_token_ids(self.tokenizer, options)
         results = []
-        for out in self.llm.generate(prompts, params, use_tqdm=False):
+        for out in self.llm.generate(prompts, sampling_params=params, use_tqdm=False):
             top = out.outputs[0].logprobs[
                 0
             ]  # token id -> Logprob, for the first generated position

@@ -1,0 +1,164 @@
+"""The GPU path a user installs: the `gpu` extra resolves with bft's own requirements, the
+vLLM backend's calls exist in that vLLM release, and both backends feed a model the same
+token ids. The CPU test environment stays the pinned one."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from bft_assets.prompts import llama2_inst
+from bft_resources.engine import Chat, InferenceEngine, Sampling
+from bft_resources.engine.vllm import VLLM_CALLS, vllm_inputs
+from bft_resources.engine.vllm_contract import problems, wheel_sources
+
+from conftest import REPO
+
+WHEEL_CACHE = Path(os.environ.get("BFT_WHEEL_CACHE", "~/.cache/bft/wheels")).expanduser()
+
+
+def _gpu_requirement() -> Requirement:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    (vllm,) = [Requirement(r) for r in extras["gpu"] if r.startswith("vllm")]
+    return vllm
+
+
+def test_the_cpu_environment_is_the_pinned_one():
+    pins = [Requirement(line) for line in (REPO / "constraints" / "cpu.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]  # fmt: skip
+    for pin in pins:
+        installed = metadata.version(pin.name).split("+")[0]
+        assert pin.specifier.contains(installed), (pin, installed)
+    assert metadata.version("torch") == "2.13.0+cpu"
+
+
+@pytest.fixture(scope="module")
+def vllm_wheel() -> Path:
+    """The newest vLLM wheel the `gpu` extra allows (~330 MB, downloaded once, no deps)."""
+    spec = str(_gpu_requirement())
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "-d", str(WHEEL_CACHE), spec], check=True, timeout=900)  # fmt: skip
+    wheels = [
+        w
+        for w in WHEEL_CACHE.glob("vllm-*.whl")
+        if _gpu_requirement().specifier.contains(w.name.split("-")[1])
+    ]
+    return max(wheels, key=lambda w: tuple(int(x) for x in w.name.split("-")[1].split(".")[:3]))
+
+
+@pytest.mark.slow
+def test_every_vllm_call_of_the_backend_exists_in_the_allowed_release(vllm_wheel):
+    sources = wheel_sources(str(vllm_wheel))
+    assert problems(sources, VLLM_CALLS) == [], vllm_wheel.name
+    renamed = {**VLLM_CALLS, "vllm.SamplingParams": (*VLLM_CALLS["vllm.SamplingParams"], "max_tokenz"),
+               "vllm.LLM": ("model", "enable_prefix_cache")}  # fmt: skip
+    found = problems(sources, renamed)
+    assert found == [
+        "vllm.LLM: no parameter 'enable_prefix_cache' in this vLLM release",
+        "vllm.SamplingParams: no parameter 'max_tokenz' in this vLLM release",
+    ]
+    cli = subprocess.run([sys.executable, "-m", "bft_resources.engine.vllm_contract", str(vllm_wheel)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert cli.returncode == 0 and "matches" in cli.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_extra_resolves_to_the_newest_supported_vllm_without_backtracking(tmp_path):
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
+    pip = tmp_path / "venv" / "bin" / "pip"
+    # as a GPU user starts: a current pip (3.11's bundled one mis-resolves torch's CUDA pins)
+    subprocess.run([str(pip), "install", "-q", "--upgrade", "pip"], check=True, timeout=300)
+    report = tmp_path / "report.json"
+    resolved = subprocess.run(
+        [str(pip), "install", "--dry-run", "--ignore-installed", "--report", str(report), f"{REPO}[gpu]"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert resolved.returncode == 0, resolved.stdout[-3000:] + resolved.stderr[-3000:]
+    chosen = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"]
+        for i in json.loads(report.read_text())["install"]
+    }
+    index = subprocess.run(
+        [str(pip), "index", "versions", "vllm"], capture_output=True, text=True, timeout=300
+    )
+    available = re.search(r"Available versions: (.*)", index.stdout).group(1).split(", ")
+    newest = max((v for v in available if _gpu_requirement().specifier.contains(v)),
+                 key=lambda v: tuple(int(x) for x in v.split(".")[:3]))  # fmt: skip
+    assert chosen["vllm"] == newest
+    log = resolved.stdout + resolved.stderr
+    assert "looking at multiple versions of vllm" not in log
+    assert (
+        len(set(re.findall(r"vllm-(\d+\.\d+\.\d+)", log))) <= 1
+    )  # one vLLM candidate, no backtracking
+    assert (
+        chosen["transformers"].startswith("5.") and chosen["torch"]
+    )  # resolved beside bft's ranges
+
+
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+)
+
+
+def _llama_like(tiny: Path, folder: Path, template: str | None) -> Path:
+    """The tiny tokenizer made to behave as Llama-2's: it adds <s> by default; with
+    ``template`` its chat template writes <s> itself, as Llama-2-chat's does."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "template", [LLAMA2_TEMPLATE, None], ids=["template-writes-bos", "fallback-format"]
+)
+def test_both_backends_feed_the_same_token_ids(tmp_path, tiny_tokenizer_model, template):
+    from transformers import AutoTokenizer
+
+    folder = _llama_like(tiny_tokenizer_model, tmp_path / "llama-like", template)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.bos_token_id
+    chats = [Chat("Explain gzip."), Chat("Name a prime number, please.", assistant_prefix="[RES]")]
+    fed: list[list[int]] = []
+    with InferenceEngine(dtype="float32", batch_size=1).load(
+        str(folder), fallback=llama2_inst
+    ) as model:
+        real = model.model.generate
+
+        def recording(**inputs):
+            for ids, mask in zip(
+                inputs["input_ids"].tolist(), inputs["attention_mask"].tolist(), strict=True
+            ):
+                fed.append([i for i, m in zip(ids, mask, strict=True) if m])
+            return real(**inputs)
+
+        model.model.generate = recording
+        model.generate(chats, Sampling(temperature=0.0, max_tokens=2))
+    submitted = [p["prompt_token_ids"] for p in vllm_inputs(tokenizer, chats, llama2_inst)]
+    assert sorted(fed) == sorted(submitted)  # the transformers backend batches by length
+    for ids in submitted:
+        assert ids[0] == bos and ids.count(bos) == 1  # BOS once, whoever wrote it
+    if template is not None:  # what vLLM would have done with the rendered text
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Explain gzip."}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        assert tokenizer(text)["input_ids"][:2] == [bos, bos]
