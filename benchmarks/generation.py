@@ -8,6 +8,13 @@ backtranslation prompts and model.
 Prints a table and speed-up ratios: at equal dtype (what batching alone buys) and as each
 is configured (the engine picks bf16 on CPUs with native bf16; ``from_pretrained`` gives
 fp32). Goal on CPU: >= 5x.
+
+    python benchmarks/generation.py --backend vllm --model meta-llama/Llama-2-7b-hf \
+        --prompts 512 --max-new-tokens 256 [--tensor-parallel-size 1]
+
+On a GPU box with the `gpu` extra: backtranslation documents/s and generated tokens/s of the
+vLLM backend against the transformers backend on the same GPU, prompts and model, in one run
+(Humpback reports 2.5 documents/s per A100 for 7B).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ def naive_loop(model_dir: str, chats, sampling, device: str, dtype: str) -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bft_resources.engine.transformers import render
+    from bft_resources.engine.prompts import render
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = (
@@ -60,12 +67,15 @@ def naive_loop(model_dir: str, chats, sampling, device: str, dtype: str) -> tupl
 
 
 def engine_run(
-    model_ref: str, chats, sampling, device: str, batch_size: int, dtype: str
-) -> tuple[float, int]:
+    model_ref: str, chats, sampling, device: str, batch_size: int, dtype: str,
+    backend: str = "transformers", tensor_parallel_size: int = 1,
+) -> tuple[float, int]:  # fmt: skip
+    from bft_assets.prompts import llama2_inst
     from bft_resources.engine import InferenceEngine
 
-    engine = InferenceEngine(batch_size=batch_size, device=device, dtype=dtype)
-    with engine.load(model_ref) as model:
+    engine = InferenceEngine(backend=backend, batch_size=batch_size, device=device, dtype=dtype,
+                             tensor_parallel_size=tensor_parallel_size)  # fmt: skip
+    with engine.load(model_ref, fallback=llama2_inst) as model:
         started = time.perf_counter()
         generations = model.generate(chats, sampling)
         return time.perf_counter() - started, sum(g.completion_tokens for g in generations)
@@ -83,7 +93,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: compare the vLLM backend with the transformers one (GPU)")  # fmt: skip
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args()
+    if args.backend == "vllm":
+        vllm_against_transformers(args)
+        return
 
     import torch
 
@@ -129,6 +145,29 @@ def main() -> None:
         print(f"speed-up at equal dtype ({dtype}), engine / naive: {ratio:.1f}x")
     overall = runs["naive", plain][0] / runs["engine", auto][0]
     print(f"speed-up as configured, engine ({auto}) / naive ({plain}): {overall:.1f}x")
+
+
+def vllm_against_transformers(args: argparse.Namespace) -> None:
+    """Backtranslation on a GPU: the vLLM backend against the transformers backend."""
+    from bft_resources.engine import Chat, Sampling
+
+    chats = [Chat(p) for p in backtranslation_prompts(args.prompts)]
+    sampling = Sampling(temperature=1.0, top_p=0.9, max_tokens=args.max_new_tokens, seed=0)
+    runs = {}
+    for backend in ("transformers", "vllm"):
+        engine_run(args.model, chats[:2], sampling, "auto", args.batch_size, "auto", backend,
+                   args.tensor_parallel_size)  # fmt: skip  # warm-up (and a first load)
+        runs[backend] = engine_run(args.model, chats, sampling, "auto", args.batch_size, "auto",
+                                   backend, args.tensor_parallel_size)  # fmt: skip
+    print(f"model={args.model} documents={len(chats)} max_new_tokens={args.max_new_tokens} "
+          f"tensor_parallel_size={args.tensor_parallel_size}")  # fmt: skip
+    print(f"{'backend':<14} {'seconds':>8} {'docs/s':>8} {'gen tokens':>11} {'tokens/s':>9}")
+    for backend, (seconds, tokens) in runs.items():
+        print(
+            f"{backend:<14} {seconds:>8.2f} {len(chats) / seconds:>8.2f} {tokens:>11d} {tokens / seconds:>9.1f}"
+        )
+    ratio = runs["transformers"][0] / runs["vllm"][0]
+    print(f"vllm / transformers: {ratio:.1f}x (Humpback: 2.5 docs/s per A100 for 7B)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from bft_resources.engine.transformers import option_token_ids
 _TOP_LOGPROBS = 20
 
 # Every name this backend passes to vLLM, by the callable that takes it. CI checks them
-# against the release the `gpu` extra allows (tests/test_vllm_contract.py): when vLLM renames
+# against the release the `gpu` extra allows (tests/test_packaging.py): when vLLM renames
 # one, CI says which.
 VLLM_CALLS: dict[str, tuple[str, ...]] = {
     "vllm.LLM": ("model", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
