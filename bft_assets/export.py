@@ -2,7 +2,7 @@
 
 Writes a Hugging Face ``datasets`` folder (``save_to_disk``), chat-format JSONL
 (``messages``), Parquet, a dataset card (README.md: source counts, recipe, prompt versions,
-models, filter threshold, licence notes), and the fine-tuned checkpoint, which
+models, licence notes), and the fine-tuned checkpoint, which
 ``vllm serve DEST/model`` and ``from_pretrained`` load as is.
 """
 

@@ -1,8 +1,8 @@
 """rewritten_dataset: the aligned chat model rewrites responses (METHOD.md step 3) and, for
 the filtering_distilling baseline, answers the instructions directly.
 
-One table per shard holds every scored pair with its score, whether it passed, its rewrite
-and its distilled answer where made, so each recipe is a selection from it later.
+One table per shard holds every scored pair with its score, its rewrite and its distilled
+answer where some declared recipe needs them, so each recipe is a selection from it later.
 """
 
 import re

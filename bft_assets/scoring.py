@@ -1,5 +1,6 @@
 """scored_pool: the forward model rates each (instruction, response) pair 1 to 5 (METHOD.md
-step 2, Humpback's self-curation prompt) and the best pass.
+step 2, Humpback's self-curation prompt). Scores are stored once; a recipe keeps the pairs
+at its own threshold (the paper: 5) where it selects.
 
 Two modes: ``generate`` (the paper) samples the reasoning and reads ``Score: N`` from the
 reply; ``logprobs`` (beyond the paper) opens the reply with ``Score:`` and reads the next
