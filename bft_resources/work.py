@@ -12,17 +12,18 @@ generated again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+
+from bft_resources.files import file_lock
 
 _log = logging.getLogger(__name__)
 
@@ -47,18 +48,10 @@ class ResumableWork:
         self.warn = log
         folder.mkdir(parents=True, exist_ok=True)
 
-    @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
+    def _turn(self) -> contextlib.AbstractContextManager[None]:
         """This process's exclusive turn on the folder; another run of the same partition
         waits here, asleep in flock, not spinning."""
-        lock = self.folder.with_name(f"{self.folder.name}.lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.folder.with_name(f"{self.folder.name}.lock"))
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))

@@ -229,6 +229,17 @@ def dagster_dev(workspace: Path, env: dict[str, str], log: Path) -> Iterator[str
             process.wait(timeout=60)
 
 
+# What the UI sends to launch a backfill of some partitions of some assets.
+LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+
+
 def graphql(url: str, query: str, variables: dict | None = None) -> dict:
     """One request to the webserver's GraphQL endpoint (what the UI sends)."""
     body = json.dumps({"query": query, "variables": variables or {}}).encode()

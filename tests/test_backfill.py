@@ -18,7 +18,7 @@ from bft_assets.demo import write_demo_corpus
 from bft_assets.instance import SEED_EXAMPLES, SEED_MODEL
 
 from conftest import REPO
-from servers import dagster_dev, graphql
+from servers import LAUNCH_BACKFILL, dagster_dev, graphql
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +26,7 @@ SHARDS = ["stdlib-docs-0000", "stdlib-docs-0001", "stdlib-docs-0002"]
 GPU_STEP = "backtranslated_pool"
 GPU_STEP_KEY = "demo__backtranslated_pool"
 RANGE = "dagster/asset_partition_range"
-LAUNCH = """
-mutation Launch($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-  }
-}"""
+
 STATUS = """
 query Status($id: String!) {
   partitionBackfillOrError(backfillId: $id) {
@@ -101,7 +94,7 @@ def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tok
     assert "added 3 shard partitions" in added.stdout
 
     with dagster_dev(REPO / "workspace.yaml", env, home / "dagster-dev.log") as url:
-        launched = graphql(url, LAUNCH, {"params": {
+        launched = graphql(url, LAUNCH_BACKFILL, {"params": {
             "partitionNames": SHARDS,
             "assetSelection": [{"path": ["demo", "candidate_responses"]}, {"path": ["demo", GPU_STEP]}],
         }})["launchPartitionBackfill"]  # fmt: skip

@@ -23,18 +23,11 @@ from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES
 from bft_resources.corpus import CorpusSource
 
 from conftest import REPO
-from servers import dagster_dev, graphql
+from servers import LAUNCH_BACKFILL, dagster_dev, graphql
 
 pytestmark = pytest.mark.slow
 
-LAUNCH = """
-mutation Launch($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-  }
-}"""
+
 SLOW_GENERATION = {"backtranslation": {"max_new_tokens": 96, "batch_rows": 1}}
 
 
@@ -100,7 +93,7 @@ def test_a_killed_run_releases_its_partition_and_the_next_run_resumes(
             why = " ".join(e.message for e in failure)
 
             # Run 2: launched from the UI's backfill dialog; nothing freed by hand.
-            launched = graphql(url, LAUNCH, {"params": {
+            launched = graphql(url, LAUNCH_BACKFILL, {"params": {
                 "partitionNames": [shard], "assetSelection": [{"path": ["k", BACKTRANSLATED_POOL]}]}})  # fmt: skip
             assert launched["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", (
                 launched
