@@ -375,3 +375,29 @@ def test_an_orphaned_table_write_is_cleaned_up_by_the_next_write(tmp_path):
     storage.write("t/scored_pool", pl.DataFrame({"a": [1]}), partition="s0")
     assert not old.exists() and live.exists()
     assert storage.read("t/scored_pool", "s0")["a"].to_list() == [1]
+
+
+def test_a_corrupt_seed_parquet_is_one_counted_drop_beside_the_good_files(tmp_path):
+    from bft_assets.instance import SEED_EXAMPLES
+    from bft_assets.seed import UNREADABLE_FILE
+
+    folder = tmp_path / "seed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(
+        json.dumps({"instruction": "Say hi.", "response": "Hi!"}) + "\n"
+    )
+    pl.DataFrame({"instruction": ["Count."], "response": ["One."]}).write_parquet(
+        folder / "b.parquet"
+    )
+    (folder / "c.parquet").write_bytes((folder / "b.parquet").read_bytes()[:25])  # cut short
+    inst = declare(tmp_path, "m", seed={"uri": str(folder)})
+    with dg.instance_for_test() as instance:
+        result = materialize(inst, [SEED_EXAMPLES], instance)
+    meta = result.asset_materializations_for_node(node(inst, SEED_EXAMPLES))[0].metadata
+    assert (meta["rows"].value, meta["records_read"].value) == (2, 3)
+    assert meta[f"dropped_{UNREADABLE_FILE}"].value == 1
+    rejects = pl.read_parquet(tmp_path / "storage" / "t" / "seed_examples.rejects.parquet")
+    assert (
+        rejects["where"].to_list() == ["c.parquet"]
+        and str(folder / "c.parquet") in rejects["detail"][0]
+    )
