@@ -10,7 +10,7 @@ from dataclasses import asdict
 import polars as pl
 from dagster_pipes import open_dagster_pipes
 
-from bft_resources.trainer import Hyperparameters, TrainingExample, train
+from bft_resources.trainer import MESSAGE_SLOT, Hyperparameters, TrainingExample, train
 
 
 def main() -> None:
@@ -21,9 +21,9 @@ def main() -> None:
             TrainingExample(p, r, s)
             for p, r, s in frame.select("prompt", "response", "source").iter_rows()
         ]
-        fallback = (
-            (lambda message: f"[INST] {message} [/INST]") if spec.get("llama2_fallback") else None
-        )
+        # The launcher sends the caller's fallback rendering as a template with a slot.
+        template = spec.get("fallback_template")
+        fallback = (lambda message: template.replace(MESSAGE_SLOT, message)) if template else None
         result = train(
             spec["model_dir"], examples, spec["output_dir"], Hyperparameters(**spec["hyperparameters"]),
             base_reference=spec["base_reference"], fallback=fallback, log=pipes.log.info,

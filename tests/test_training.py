@@ -177,3 +177,25 @@ def test_training_in_a_pipes_subprocess_reports_back_into_the_run(tmp_path, tiny
         inst.table(SEED_MODEL), "forward"
     )
     assert json.loads((checkpoint / MANIFEST).read_text())["direction"] == "forward"
+
+
+def test_a_subprocess_trains_a_model_without_a_chat_template(tmp_path, tiny_tokenizer_model):
+    """The Pipes worker gets the caller's fallback rendering (Llama-2's [INST] markers for a
+    base model with no template, as the paper's Llama-2-7b-hf)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "no-template"
+    shutil.copytree(tiny_tokenizer_model, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    assert not AutoTokenizer.from_pretrained(base).chat_template
+    inst = _trainable(tmp_path, base, trainer={"launcher": "subprocess"})
+    with dg.instance_for_test() as instance:
+        assert materialize(inst, [SEED_EXAMPLES], instance).success
+        result = materialize(inst, [SEED_MODEL], instance, partition_key="backward")
+    meta = result.asset_materializations_for_node(node(inst, SEED_MODEL))[0].metadata
+    assert meta["steps"].value == 4
