@@ -269,13 +269,27 @@ def _mauve_scores(
 
 
 RECIPE_TABLE_COLUMNS = (
-    "recipe", "best_tag", "win_rate", "standard_error", "lc_win_rate", "generated_pairs",
-    "unique_trigrams_instructions", "unique_trigrams_responses", "mean_response_words", "mauve_vs_web",
+    "recipe", "suffix", "win_rate", "standard_error", "lc_win_rate", "generated_pairs",
+    "unique_trigrams_instructions", "unique_trigrams_responses", "mean_instruction_tokens",
+    "mean_response_tokens", "mauve_vs_web",
 )  # fmt: skip
 
 
+def shared_suffix(summaries: pl.DataFrame, tags: list[str]) -> str | None:
+    """The suffix with the higher win rate on average over the compared recipes: one choice
+    for all of them, as the paper makes it (a choice per recipe would flatter every one)."""
+    means = {
+        tag: summaries[f"{tag}_win_rate"].drop_nans().mean()
+        for tag in tags
+        if f"{tag}_win_rate" in summaries.columns
+    }
+    means = {tag: m for tag, m in means.items() if m is not None}
+    return max(means, key=means.__getitem__) if means else None
+
+
 def recipe_summaries(inst: BftInstance, storage: Storage) -> pl.DataFrame:
-    """One row per evaluated recipe of an instance, side by side."""
+    """One row per evaluated recipe of an instance, side by side, every recipe's win rate
+    under the one suffix chosen across them (each suffix's scores stay in the summaries)."""
     table = inst.table(EVAL_SCORES)
     rows = [
         storage.read(table, recipe.name, "summary")
@@ -284,15 +298,33 @@ def recipe_summaries(inst: BftInstance, storage: Storage) -> pl.DataFrame:
     ]
     if not rows:
         return pl.DataFrame()
-    table = pl.concat(rows, how="diagonal_relaxed")
-    return table.select([c for c in RECIPE_TABLE_COLUMNS if c in table.columns])
+    summaries = pl.concat(rows, how="diagonal_relaxed")
+    suffix = shared_suffix(summaries, inst.eval.tags)
+    if suffix is not None:
+        summaries = summaries.with_columns(
+            suffix=pl.lit(suffix),
+            win_rate=pl.col(f"{suffix}_win_rate"),
+            standard_error=pl.col(f"{suffix}_standard_error"),
+            lc_win_rate=pl.col(f"{suffix}_lc_win_rate"),
+        )
+    return summaries.select([c for c in RECIPE_TABLE_COLUMNS if c in summaries.columns])
 
 
-def _recipe_table(inst: BftInstance, storage: Storage) -> dg.MetadataValue:
-    rows = recipe_summaries(inst, storage).to_dicts()
+def _recipe_table(summaries: pl.DataFrame) -> dg.MetadataValue:
     return markdown_table(
-        [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+        [
+            {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in summaries.to_dicts()
+        ]
     )
+
+
+def mean_tokens(model: ModelResource, texts: list[str]) -> float:
+    """Mean length in tokens of the model's tokenizer (0 for no texts)."""
+    if not texts:
+        return 0.0
+    encoded = model.tokenizer()(texts, add_special_tokens=False)["input_ids"]
+    return float(sum(len(ids) for ids in encoded) / len(texts))
 
 
 def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
@@ -415,16 +447,15 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
         scores = {
             k: v for variant in config.tags for k, v in _variant_scores(results, variant).items()
         }
-        best = max(
-            config.tags,
-            key=lambda v: -1 if math.isnan(scores[f"{v}_win_rate"]) else scores[f"{v}_win_rate"],
-        )
         training_set = storage.read(inst.table(FINETUNED_CHECKPOINT), recipe, "train")
         generated = training_set.filter(pl.col("source") == "generated")
         shards = context.instance.get_dynamic_partitions(inst.shards.name)
         data_scores = {
             **diversity(training_set, config.diversity_sample),
             "generated_pairs": generated.height,
+            # BFT Table 6 counts tokens (the base model's); words stay as extra columns.
+            "mean_instruction_tokens": mean_tokens(base_model, generated["instruction"].to_list()),
+            "mean_response_tokens": mean_tokens(base_model, generated["response"].to_list()),
             "mean_instruction_words": float(
                 generated["instruction"].str.split(" ").list.len().mean() or 0.0
             ),
@@ -440,13 +471,13 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
                 config.mauve_texts,
             ),
         }
-        summary = {"recipe": recipe, "best_tag": best, "win_rate": scores[f"{best}_win_rate"],
-                   "standard_error": scores[f"{best}_standard_error"], "lc_win_rate": scores[f"{best}_lc_win_rate"],
-                   **scores, **data_scores}  # fmt: skip
+        summary = {"recipe": recipe, **scores, **data_scores}
         storage.write(table, pl.DataFrame([summary]), partition=recipe, suffix="summary")
+        compared = recipe_summaries(inst, storage)
+        suffix = compared["suffix"][0] if "suffix" in compared.columns else config.tags[0]
 
         by_source = (
-            results.filter(pl.col("variant") == best).group_by("dataset")
+            results.filter(pl.col("variant") == suffix).group_by("dataset")
             .agg(pl.len().alias("instructions"), (pl.col("preference").mean() * 100).round(1).alias("win_rate"))
             .sort("dataset")
         )  # fmt: skip
@@ -468,7 +499,8 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
                 "judgements_reused": reused,
                 "read_by": markdown_table([{"read_by": k, "pairs": n} for k, n in results["read_by"].value_counts().rows()]),
                 **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items() if k != "recipe"},
-                "recipes": _recipe_table(inst, storage),
+                "recipes": _recipe_table(compared),
+                "suffix_chosen_across_recipes": suffix,
                 "win_rate_by_source": markdown_table(by_source.to_dicts()),
                 "path": dg.MetadataValue.path(uri),
                 "judge": judge.reference,

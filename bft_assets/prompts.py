@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 SEED_TAG = "Answer in the style of an AI Assistant."
 WEB_TAG = "Answer with knowledge from web search."
-# Evaluation (METHOD.md step 5): the two suffixes the paper tries; it keeps the better.
+# Evaluation (METHOD.md step 5): the two suffixes the paper tries, worded exactly; it keeps
+# the one with the higher win rate on average over the compared models (one choice for all).
 EVAL_TAGS = {
     "assistant": SEED_TAG,
-    "web_if_needed": "Answer with knowledge from web search if needed.",
+    "web_if_needed": "Answer in the style of an AI Assistant, with knowledge from web search if needed.",
 }
 
 # Markers the method's prompts and parsers rely on; web text must not carry them in.

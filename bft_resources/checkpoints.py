@@ -4,12 +4,12 @@
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"  # a checkpoint is whole once its manifest exists
 FILES = "files"  # manifest entry: relative path -> sha256
-_VERIFIED = ".bft-verified.json"  # size and mtime of each file when its hash last matched
 _CHUNK = 1 << 22
 
 
@@ -29,8 +29,15 @@ def _files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file() and p.name not in (MANIFEST, _VERIFIED) and not p.name.startswith(".bft-")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".bft-")
     )
+
+
+def _verified_record(folder: Path) -> Path:
+    """Where this machine remembers the size and mtime of each file of ``folder`` when its
+    hash last matched (outside the checkpoint, which stays exactly what was trained)."""
+    cache = Path(os.environ.get("BFT_VERIFY_CACHE", "~/.cache/bft/verified")).expanduser()
+    return cache / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]}.json"
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +63,7 @@ def verify_checkpoint(folder: Path) -> None:
             f"{folder / MANIFEST} lists no file hashes (written before bft verified checkpoints): "
             "materialize the checkpoint again"
         )
-    record = folder / _VERIFIED
+    record = _verified_record(folder)
     try:
         verified = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -74,4 +81,5 @@ def verify_checkpoint(folder: Path) -> None:
         verified[name] = _stamp(path)
     # A read-only copy is verified again next time, never trusted blindly.
     with contextlib.suppress(OSError):
+        record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(verified))

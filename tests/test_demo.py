@@ -55,7 +55,8 @@ def test_demo_materializes_every_asset_and_records_runs(tmp_path, smollm2):
         assert (storage / "finetuned_checkpoint" / recipe / "model.safetensors").exists()
         assert (storage / "finetuned_checkpoint" / f"{recipe}.train.jsonl").exists()
         summary = pl.read_parquet(storage / "eval_scores" / f"{recipe}.summary.parquet")
-        assert 0 <= summary["win_rate"][0] <= 100 and summary["assistant_judged"][0] == 8
+        assert 0 <= summary["assistant_win_rate"][0] <= 100 and summary["assistant_judged"][0] == 8
+        assert summary["web_if_needed_judged"][0] == 8  # both suffixes scored, one chosen for all
 
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         runs = instance.get_runs()

@@ -22,6 +22,7 @@ from bft_assets.evaluation import (
     verdict_reading,
 )
 from bft_assets.instance import EVAL_SCORES, FINETUNED_CHECKPOINT, REWRITTEN_DATASET
+from bft_resources.checkpoints import write_manifest
 from bft_resources.engine import Chat, InferenceEngine
 from bft_resources.engine.endpoint import EndpointError
 from bft_resources.judge import Judge
@@ -132,9 +133,7 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
     recipe = "filtering"
     checkpoint = storage.checkpoint_dir(inst.table(FINETUNED_CHECKPOINT), recipe)
     shutil.copytree(smollm2.local_path(), checkpoint)  # stands as the recipe's trained model
-    (checkpoint / "manifest.json").write_text(
-        json.dumps({"recipe": recipe, "base_model": "smollm2"})
-    )
+    write_manifest(checkpoint, {"recipe": recipe, "base_model": "smollm2"})
     storage.write(inst.table(FINETUNED_CHECKPOINT), pl.DataFrame({
         "id": ["g1", "g2", "s1"], "source": ["generated", "generated", "seed"],
         "instruction": ["Explain sorting.", "Explain hashing.", "Say hi."], "prompt": ["p", "p", "p"],
@@ -164,7 +163,8 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
         ].metadata.items()
     }
     assert (
-        0 <= meta["win_rate"] <= 100
+        0 <= meta["assistant_win_rate"] <= 100
+        and meta["suffix_chosen_across_recipes"] in ("assistant", "web_if_needed")
         and meta["assistant_judged"] == 3
         and meta["web_if_needed_judged"] == 3
     )
@@ -173,4 +173,27 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
     checks = {e.check_name: e.passed for e in first.get_asset_check_evaluations()}
     assert checks["eval_scores_all_judged"] and checks["eval_scores_preferences_in_range"]
     again_meta = again.asset_materializations_for_node(node(inst, EVAL_SCORES))[0].metadata
-    assert again_meta["judgements_reused"].value == 6  # nothing re-judged that did not change
+    # nothing re-judged that did not change (two suffixes may draw the same answer: one judgement)
+    assert again_meta["judgements_reused"].value == table["judgement_key"].n_unique() >= 5
+
+
+def test_one_suffix_is_chosen_across_recipes_on_average(tmp_path):
+    """The paper keeps the suffix with the higher win rate on average over the compared
+    models: filtering is better with its own best suffix, but every recipe is reported under
+    the one that wins on average, and both suffixes' scores stay in the summaries."""
+    from bft_assets.evaluation import recipe_summaries
+
+    inst = declare(tmp_path, "m", recipes=[{"name": "filtering", "responses": "web", "min_score": 5},
+                                           {"name": "rewriting", "responses": "rewrite"}])  # fmt: skip
+    storage = LocalStorage(root=str(tmp_path / "storage"))
+    for recipe, assistant, web in (("filtering", 60.0, 50.0), ("rewriting", 40.0, 55.0)):
+        storage.write(inst.table(EVAL_SCORES), pl.DataFrame([{
+            "recipe": recipe, "assistant_win_rate": assistant, "web_if_needed_win_rate": web,
+            "assistant_standard_error": 1.0, "web_if_needed_standard_error": 2.0,
+            "assistant_lc_win_rate": assistant, "web_if_needed_lc_win_rate": web,
+        }]), partition=recipe, suffix="summary")  # fmt: skip
+    table = recipe_summaries(inst, storage)
+    assert table["suffix"].to_list() == ["web_if_needed", "web_if_needed"]  # mean 52.5 > 50
+    assert table["win_rate"].to_list() == [50.0, 55.0]  # filtering's own best (60) is not used
+    summary = storage.read(inst.table(EVAL_SCORES), "filtering", "summary")
+    assert summary["assistant_win_rate"][0] == 60.0  # every suffix's score is still reported

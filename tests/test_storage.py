@@ -8,6 +8,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from bft_resources.checkpoints import write_manifest
 from bft_resources.storage import (
     CHECKPOINT_MANIFEST,
     LocalStorage,
@@ -97,7 +98,7 @@ def _train_into(folder: Path, version: str, files: dict[str, str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (folder / name).write_text(text)
-    (folder / CHECKPOINT_MANIFEST).write_text(json.dumps({"version": version}))
+    write_manifest(folder, {"version": version})
 
 
 def test_checkpoints_publish_whole_and_fetch_back(backend):
@@ -135,10 +136,9 @@ def test_a_second_machine_downloads_the_checkpoint_once(s3, tmp_path):
     reader = S3Storage(root=s3.uri("p"), s3=s3.resource, cache_dir=str(tmp_path / "b"))
     first = reader.fetch_checkpoint("finetuned_checkpoint", "filtering")
     assert (first / "w").read_text() == "1" and first.is_relative_to(tmp_path / "b")
-    (first / "w").write_text("touched locally")  # a second fetch must not download again
-    assert (reader.fetch_checkpoint("finetuned_checkpoint", "filtering") / "w").read_text() == (
-        "touched locally"
-    )
+    stamp = (first / "w").stat().st_mtime_ns  # a second fetch must not download again
+    again = reader.fetch_checkpoint("finetuned_checkpoint", "filtering")
+    assert again == first and (again / "w").stat().st_mtime_ns == stamp
 
     _train_into(writer.checkpoint_dir("finetuned_checkpoint", "filtering"), "v2", {"w": "2"})
     writer.publish_checkpoint("finetuned_checkpoint", "filtering")
