@@ -55,17 +55,18 @@ def write_shard(path: Path, compressed_mb: int) -> int:
 
 def run_filter(shard: Path, model: str) -> None:
     """In this process: the candidate_responses filter loop over ``shard`` (what the asset runs)."""
+    from bft_assets.budget import document_budget
     from bft_assets.candidates import CandidateFilter, FilterSettings
-    from bft_assets.corpus import _BATCH_LINES, _batches, prompt_overhead, token_counter
+    from bft_assets.corpus import _BATCH_LINES, _batches, message_tokens, token_counter
+    from bft_assets.specs import GenerationSpec
     from bft_resources.corpus import CorpusSource
     from bft_resources.models import ModelResource
 
     base = ModelResource(model=model)
     corpus = CorpusSource(uri=str(shard.parent))
     (item,) = [s for s in corpus.list_shards() if s.uri == str(shard)]
-    rules = CandidateFilter(
-        FilterSettings(), token_counter(base), base.context_length() - prompt_overhead(base) - 256
-    )
+    budget = document_budget(message_tokens(base), base.context_length(), GenerationSpec())
+    rules = CandidateFilter(FilterSettings(), token_counter(base), budget.tokens)
     started = time.perf_counter()
     kept = 0
     for batch in _batches(corpus.lines(item), _BATCH_LINES):

@@ -164,7 +164,7 @@ attributes:
   generation:
     backtranslation: {max_new_tokens: 48}
     scoring: {mode: logprobs}
-    rewriting: {max_new_tokens: 192, force_format: true}
+    rewriting: {max_new_tokens: 192, force_format: true, rewrite_length_ratio: 1.0, rewrite_extra_tokens: 16}
 
   # A few steps at a high learning rate, so a CPU sees the loss fall (paper: 1e-5, 600 steps).
   training:

@@ -11,6 +11,7 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 
+from bft_assets.budget import document_budget
 from bft_assets.candidates import DROP_REASONS, CandidateFilter, Document, Drop, FilterSettings
 from bft_assets.checks import accounting_check, rate_floor_check
 from bft_assets.instance import (
@@ -23,6 +24,8 @@ from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
 from bft_assets.reporting import counts_table, percentile_metadata, sample_rows, table_metadata
 from bft_resources.corpus import CorpusSource
+from bft_resources.engine import Chat
+from bft_resources.engine.prompts import prompt_token_ids
 from bft_resources.models import ModelResource
 from bft_resources.quality import Rule, run_rules
 from bft_resources.storage import table_name
@@ -142,17 +145,11 @@ def build_corpus_documents(inst: BftInstance) -> dg.AssetsDefinition:
     return corpus_documents
 
 
-def prompt_overhead(model: ModelResource) -> int:
-    """Tokens the backtranslation prompt adds around a document, with the model's template."""
+def message_tokens(model: ModelResource) -> Callable[[str], int]:
+    """Tokens a user message takes once rendered for the base model (its chat template, or
+    the paper's Llama-2 markers), exactly as the engines feed it."""
     tokenizer = model.tokenizer()
-    message = BACKTRANSLATE.render(response="")
-    if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        rendered = llama2_inst(message)
-    return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return lambda message: len(prompt_token_ids(tokenizer, Chat(message), llama2_inst))
 
 
 def token_counter(model: ModelResource) -> Callable[[list[str]], list[int]]:
@@ -246,7 +243,6 @@ def build_candidate_responses(inst: BftInstance) -> dg.AssetsDefinition:
     key = inst.key(CANDIDATE_RESPONSES)
     stored = inst.table(CANDIDATE_RESPONSES)
     filters = inst.corpus
-    max_new_tokens = inst.generation.backtranslation.max_new_tokens
 
     @dg.asset(
         **inst.asset_args(
@@ -256,7 +252,7 @@ def build_candidate_responses(inst: BftInstance) -> dg.AssetsDefinition:
         deps=[inst.key(CORPUS_DOCUMENTS)],
         group_name="generation",
         code_version=f"{FILTER_VERSION};prompt={BACKTRANSLATE.version};"
-        f"{digest(filters.model_dump(exclude={'uri'}), max_new_tokens, inst.models.base)}",
+        f"{digest(filters.model_dump(exclude={'uri'}), inst.generation, inst.models.base)}",
         backfill_policy=ONE_PARTITION_PER_RUN,
         check_specs=[rule.spec(key) for rule in CANDIDATE_RULES]
         + [
@@ -264,7 +260,7 @@ def build_candidate_responses(inst: BftInstance) -> dg.AssetsDefinition:
                 CHECK_TOKENS,
                 asset=key,
                 blocking=True,
-                description="Every kept document fits the context window with the prompt and the generation budget.",
+                description="Every kept document fits the context window in every prompt it goes through (backtranslation, scoring, rewriting) with that prompt's generation budget.",
             ),
             dg.AssetCheckSpec(
                 CHECK_REASONS,
@@ -293,9 +289,9 @@ def build_candidate_responses(inst: BftInstance) -> dg.AssetsDefinition:
         corpus, base_model, storage = r.corpus, r.base_model, r.storage
         shard_key = inst.partition(context)
         shard = corpus.shard(shard_key)
-        overhead = prompt_overhead(base_model)
         window = base_model.context_length()
-        budget = window - overhead - max_new_tokens
+        fits = document_budget(message_tokens(base_model), window, inst.generation)
+        budget = fits.tokens
         settings = FilterSettings(
             filters.max_document_bytes,
             filters.min_words,
@@ -337,7 +333,9 @@ def build_candidate_responses(inst: BftInstance) -> dg.AssetsDefinition:
                 "keep_rate": table.height / rules.lines_read if rules.lines_read else 0.0,
                 **percentile_metadata("n_tokens", table["n_tokens"]),
                 "token_budget": budget,
-                "prompt_overhead_tokens": overhead,
+                **{f"prompt_overhead_{k}": v for k, v in fits.overheads.items()},
+                **{f"budget_{k}": v for k, v in fits.limits.items()},
+                "budget_limited_by": fits.limiting,
                 "context_window": window,
                 "shard_uri": dg.MetadataValue.path(shard.uri),
                 "shard_bytes": shard.size_bytes,

@@ -6,10 +6,12 @@ answer where some declared recipe needs them, so each recipe is a selection from
 """
 
 import re
+from dataclasses import replace
 
 import dagster as dg
 import polars as pl
 
+from bft_assets.budget import rewrite_tokens
 from bft_assets.checks import accounting_check, rate_floor_check
 from bft_assets.generation import (
     generate_column,
@@ -129,13 +131,19 @@ def build_rewritten_dataset(inst: BftInstance) -> dg.AssetsDefinition:
             clean = safe(model)
 
             def rewrite(batch: pl.DataFrame) -> pl.DataFrame:
+                # The cap follows the longest draft of the batch (budget.rewrite_tokens): the
+                # candidate budget left it room in the context window.
+                longest = int(batch["n_tokens"].max() or 0)
+                cap = rewrite_tokens(longest, inst.generation)
                 messages = [
                     REWRITE.render(response=clean(x), instruction=clean(i))
                     for x, i in zip(batch["response"], batch["instruction"], strict=True)
                 ]
                 return generations_frame(
                     batch,
-                    generate_column(model, messages, rewrite_sampling, prefix),
+                    generate_column(
+                        model, messages, replace(rewrite_sampling, max_tokens=cap), prefix
+                    ),
                     "rewrite_reply",
                 )
 

@@ -184,7 +184,12 @@ class ScoringSpec(SamplingSpec):
 
 
 class RewritingSpec(SamplingSpec):
-    max_new_tokens: int = Field(default=1024, description="Most tokens of a rewrite or a distilled answer.")  # fmt: skip
+    max_new_tokens: int = Field(default=1024, description="Most tokens of a distilled answer.")
+    rewrite_length_ratio: float = Field(
+        default=1.25,
+        description="A rewrite may take this many tokens per token of its draft (it copies the draft where it can)...",
+    )
+    rewrite_extra_tokens: int = Field(default=64, description="... plus these (the [RES] markers, a short draft's growth).")  # fmt: skip
     force_format: bool = Field(
         default=False, description="Open the reply with [RES] and stop at [/RES] (small models)."
     )

@@ -120,3 +120,36 @@ def test_the_key_set_is_exact_across_settling():
     assert len(keys) == len(added)
     assert all(k in keys for k in added)  # settled into the sorted array and still found
     assert not any(k in keys for k in (1, 4, 2**64 - 2, 2**63 + 1))
+
+
+def test_a_document_at_the_budget_fits_every_prompt_it_goes_through(smollm2):
+    """At the budget, the backtranslation, scoring and rewriting prompts each fit the base
+    model's context with their own generation budget (the rewrite's follows the document)."""
+    from bft_assets.budget import document_budget, rewrite_tokens
+    from bft_assets.corpus import message_tokens
+    from bft_assets.prompts import BACKTRANSLATE, REWRITE, SCORE
+    from bft_assets.specs import GenerationSpec
+
+    count = message_tokens(smollm2)
+    tokenizer = smollm2.tokenizer()
+    for window, generation in ((4096, GenerationSpec()), (2048, GenerationSpec.model_validate(
+            {"scoring": {"mode": "logprobs"}, "rewriting": {"rewrite_length_ratio": 1.0}}))):  # fmt: skip
+        budget = document_budget(count, window, generation)
+        text = " ".join(["The parser reads each line and returns the records it found."] * 400)
+        document = tokenizer.decode(
+            tokenizer(text, add_special_tokens=False)["input_ids"][: budget.tokens]
+        )
+        n = len(tokenizer(document, add_special_tokens=False)["input_ids"])
+        assert budget.tokens - 2 <= n <= budget.tokens
+        instruction_budget = generation.backtranslation.max_new_tokens
+        instruction = tokenizer.decode(
+            tokenizer(text, add_special_tokens=False)["input_ids"][:instruction_budget]
+        )
+        reply = 1 if generation.scoring.mode == "logprobs" else generation.scoring.max_new_tokens
+        needs = {
+            "backtranslation": count(BACKTRANSLATE.render(response=document)) + instruction_budget,
+            "scoring": count(SCORE.render(generated_instruction=instruction, output=document)) + reply,
+            "rewriting": count(REWRITE.render(response=document, instruction=instruction)) + rewrite_tokens(n, generation),
+        }  # fmt: skip
+        assert all(need <= window for need in needs.values()), (window, needs, budget)
+        assert max(needs.values()) > window - 64  # and the budget is not wasted: one is nearly full

@@ -111,13 +111,12 @@ def test_malformed_lines_are_counted_never_fatal(tmp_path, tiny_tokenizer_model)
             b"",
             doc(id="huge", text="word " * 2_100_000),
             doc(id="dup", text=ENGLISH),
-            doc(id="long", text=" ".join([ENGLISH] * 30)),
+            doc(id="long", text=" ".join([ENGLISH] * 60)),
         ],
     )
-    model = {"model": str(tiny_tokenizer_model), "context_window": 256}  # "long" cannot fit
-    inst = _instance(
-        tmp_path, corpus, model, generation={"backtranslation": {"max_new_tokens": 32}}
-    )
+    model = {"model": str(tiny_tokenizer_model), "context_window": 4096}  # "long" cannot fit
+    generation = {"backtranslation": {"max_new_tokens": 32}, "scoring": {"mode": "logprobs"}}
+    inst = _instance(tmp_path, corpus, model, generation=generation)
     with dg.instance_for_test() as instance:
         discover_shards(CorpusSource(uri=str(corpus)), instance, inst.shards.name)
         result = materialize(

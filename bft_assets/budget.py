@@ -1,0 +1,65 @@
+"""How long a web document may be: it must fit, with its generation budget, every prompt it
+travels through (METHOD.md, Data: ``len(tokens(text)) + prompt_overhead + max_new_tokens <=
+context_window``, applied to backtranslation, scoring and rewriting alike).
+
+A document of n tokens needs, in the base model's context window W:
+- backtranslation: overhead + n + instruction budget;
+- scoring: overhead + instruction + n + the scorer's reply (1 token in logprobs mode);
+- rewriting: overhead + instruction + n + the rewrite, whose cap follows the document
+  (``rewrite_tokens(n)``: a rewrite copies the draft where it can, so it is about as long).
+The instruction is at most the backtranslation budget. Distillation sends no document.
+"""
+
+import math
+from dataclasses import dataclass
+
+from bft_assets.prompts import BACKTRANSLATE, REWRITE, SCORE, Prompt
+from bft_assets.specs import GenerationSpec
+
+# Tokenizing a document inside a prompt can merge across its edges differently from the
+# document alone: a few tokens of room keep "fits" true at the budget itself.
+EDGE_SLACK = 8
+
+
+def rewrite_tokens(document_tokens: int, generation: GenerationSpec) -> int:
+    """The most tokens a rewrite of a document of this length may take."""
+    spec = generation.rewriting
+    return math.ceil(spec.rewrite_length_ratio * document_tokens) + spec.rewrite_extra_tokens
+
+
+@dataclass(frozen=True)
+class Budget:
+    tokens: int  # the longest document that fits every prompt
+    overheads: dict[str, int]  # tokens each prompt adds around its texts
+    limits: dict[str, int]  # the longest document each prompt alone allows
+
+    @property
+    def limiting(self) -> str:
+        return min(self.limits, key=self.limits.__getitem__)
+
+
+def _overhead(count, prompt: Prompt) -> int:
+    return count(
+        prompt.render(**dict.fromkeys((p.replace(" ", "_") for p in prompt.placeholders), ""))
+    )
+
+
+def document_budget(count, window: int, generation: GenerationSpec) -> Budget:
+    """``count(message)`` is the token count of a rendered user message (chat template or
+    fallback included) under the base model's tokenizer."""
+    instruction = generation.backtranslation.max_new_tokens
+    reply = 1 if generation.scoring.mode == "logprobs" else generation.scoring.max_new_tokens
+    rewriting = generation.rewriting
+    overheads = {"backtranslation": _overhead(count, BACKTRANSLATE), "scoring": _overhead(count, SCORE),
+                 "rewriting": _overhead(count, REWRITE)}  # fmt: skip
+    room = {name: window - o - EDGE_SLACK for name, o in overheads.items()}
+    limits = {
+        "backtranslation": room["backtranslation"] - instruction,
+        "scoring": room["scoring"] - instruction - reply,
+        # n + ceil(r * n) + extra <= room - instruction
+        "rewriting": math.floor(
+            (room["rewriting"] - instruction - rewriting.rewrite_extra_tokens - 1)
+            / (1 + rewriting.rewrite_length_ratio)
+        ),
+    }
+    return Budget(min(limits.values()), overheads, limits)
