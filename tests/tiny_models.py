@@ -24,7 +24,7 @@ def _training_text() -> list[str]:
     ] * 4
 
 
-def build_tiny_llama(folder: Path, vocab_size: int = 512, context: int = 1024) -> Path:
+def build_tiny_llama(folder: Path, vocab_size: int = 512, context: int = 4096) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
