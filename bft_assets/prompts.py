@@ -113,7 +113,7 @@ Given the above question, rewrite the draft response to be an improvement over t
 BACKTRANSLATE = Prompt("backtranslate", _BACKTRANSLATE)
 SCORE = Prompt("score", _SCORE)
 REWRITE = Prompt("rewrite", _REWRITE)
-# filtering_distilling (BFT Table 1): the chat model answers the instruction itself, no draft.
+# filtering_distilling (BFT Table 2): the chat model answers the instruction itself, no draft.
 DISTILL = Prompt("distill", "<instruction>")
 
 # The pairwise judge (not from METHOD.md, which names GPT-4 as judge without its prompt):

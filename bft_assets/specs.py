@@ -83,7 +83,8 @@ class Models(dg.Resolvable, dg.Model):
 
 
 class SeedModelsFrom(dg.Resolvable, dg.Model):
-    """Use another instance's trained seed models (the paper's corpus ablation trains them once)."""
+    """Use another instance's trained seed models, so that a corpus ablation differs only in
+    its web documents."""
 
     instance: str = Field(description="The other instance's key_prefix.", examples=["web"])
     storage: str = Field(
@@ -162,6 +163,10 @@ class TrainingSettings(dg.Resolvable, dg.Model):
     batch_size: int = Field(default=32, description="Examples per optimizer step.")
     weight_decay: float = Field(default=0.1, description="AdamW weight decay.")
     dropout: float = Field(default=0.1, description="Dropout.")
+    warmup_ratio: float = Field(
+        default=0.0,
+        description="Share of steps warming up the learning rate (not in the paper: 0 unless set).",
+    )
     seed: int = Field(default=0, description="Initialization and data order.")
 
 
