@@ -91,16 +91,20 @@ def discover_shards(
     partitions: str,
     warn: Callable[[str], None] = _log.warning,
 ) -> list[str]:
-    """Add a dynamic partition for every shard not yet known; return the new keys. The gpu
-    pool the shards' runs will need is registered at its default limit too: a pool the
-    instance has never seen is not counted when the queue first dequeues, which would let
-    two GPU runs start at once on a fresh instance."""
+    """Add a dynamic partition for every shard not yet known; return the new keys."""
     new = new_shard_keys(corpus, instance, partitions, warn)
     if new:
         instance.add_dynamic_partitions(partitions, new)
-        if instance.global_op_concurrency_default_limit:
-            instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
+        register_gpu_pool(instance)
     return new
+
+
+def register_gpu_pool(instance: dg.DagsterInstance) -> None:
+    """Give the gpu pool its default limit before the shards' runs are queued: a pool the
+    instance has never seen is not counted when the queue first dequeues, which let two GPU
+    runs start at once on a fresh instance."""
+    if instance.global_op_concurrency_default_limit:
+        instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
 
 
 def build_shard_sensor(inst: BftInstance) -> dg.SensorDefinition:
@@ -117,8 +121,7 @@ def build_shard_sensor(inst: BftInstance) -> dg.SensorDefinition:
         if not new:
             return dg.SensorResult(skip_reason="no new shards")
         context.log.info(f"new shards: {new}")
-        if context.instance.global_op_concurrency_default_limit:  # see discover_shards
-            context.instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
+        register_gpu_pool(context.instance)
         return dg.SensorResult(dynamic_partitions_requests=[inst.shards.build_add_request(new)])
 
     return corpus_shard_sensor
