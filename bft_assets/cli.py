@@ -136,6 +136,14 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"{what:>9}: {where}")
 
 
+def cmd_alpaca_eval_lc(args: argparse.Namespace) -> None:
+    import json
+
+    from bft_assets.lc import annotations_lc
+
+    print(json.dumps(annotations_lc(Path(args.annotations))))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bft", description=__doc__)
     sub = parser.add_subparsers(required=True)
@@ -163,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
         help="write a recipe's training set (datasets, JSONL, Parquet, card) and model",
     )
     export.add_argument("recipe")
+    lc = sub.add_parser(
+        "alpaca-eval-lc",
+        help="win rate, length-controlled win rate and standard error of an AlpacaEval annotations.json",
+    )
+    lc.add_argument("annotations")
+    lc.set_defaults(fn=cmd_alpaca_eval_lc)
     export.add_argument("destination")
     export.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)

@@ -26,7 +26,8 @@ from bft_assets.instance import (
     BftInstance,
     digest,
 )
-from bft_assets.metrics import length_controlled_win_rate, unique_trigrams, win_rate
+from bft_assets.lc import lc_scores
+from bft_assets.metrics import unique_trigrams, win_rate
 from bft_assets.prompts import EVAL_TAGS, JUDGE, llama2_inst
 from bft_assets.reporting import markdown_table, table_metadata
 from bft_assets.specs import EvalSpec
@@ -230,16 +231,19 @@ def _variant_scores(table: pl.DataFrame, variant: str) -> dict[str, float]:
     rows = table.filter(pl.col("variant") == variant)
     judged = rows.filter(pl.col("preference").is_not_null())
     wr = win_rate(judged["preference"].to_list())
+    # AlpacaEval's own LC (with its instruction difficulty) where the instructions are its 805,
+    # the simplified GLM elsewhere; the variant is reported beside it.
     lc = (
-        length_controlled_win_rate(judged["preference"].to_list(), judged["answer"].str.len_chars().to_list(),
-                                   judged["reference"].str.len_chars().to_list())
+        lc_scores(judged["instruction"].to_list(), judged["preference"].to_list(),
+                  judged["answer"].str.len_chars().to_list(), judged["reference"].str.len_chars().to_list())
         if judged.height >= 3 else None
     )  # fmt: skip
     agreement = rows["agree"].drop_nulls()
     return {
         f"{variant}_win_rate": wr.win_rate,
         f"{variant}_standard_error": wr.standard_error,
-        f"{variant}_lc_win_rate": lc.win_rate if lc else math.nan,
+        f"{variant}_lc_win_rate": lc["length_controlled_winrate"] if lc else math.nan,
+        f"{variant}_lc_variant": lc["lc_variant"] if lc else "none",
         f"{variant}_judged": wr.n,
         f"{variant}_agreement": float(agreement.mean()) if agreement.len() else math.nan,
         f"{variant}_answer_tokens": float(rows["answer_tokens"].mean() or 0.0),

@@ -93,3 +93,62 @@ def test_full_variant_recovers_a_known_model():
 def test_unique_trigrams():
     assert unique_trigrams(["the cat sat on", "The cat sat down"]) == 3
     assert unique_trigrams(["two words"]) == 0
+
+
+HUMPBACK_ANNOTATIONS = "humpback_llama2_70b_weighted_alpaca_eval_gpt4_turbo_annotations.json"
+
+
+def test_alpaca_eval_2_for_humpback_with_the_instruction_difficulty(humpback, shared_data):
+    """AlpacaEval 2's LC with the difficulty term: within 1.5 points of the published 16.25,
+    with the shipped difficulties and with ones fitted without Humpback's own verdicts."""
+    import polars as pl
+
+    from bft_assets.lc import annotations_lc, difficulty_table, lc_scores
+
+    published = _leaderboard("Humpback LLaMa2 70B")
+    shipped = annotations_lc(ALPACA / HUMPBACK_ANNOTATIONS)
+    assert round(shipped["win_rate"], 2) == 10.12 and shipped["lc_variant"] == "full"
+    assert abs(shipped["length_controlled_winrate"] - published["length_controlled_winrate"]) < 1.5
+
+    compact = pl.read_parquet(ALPACA / "alpaca_eval2_annotations_compact.parquet")
+    instructions = [
+        r["instruction"]
+        for r in json.loads((ALPACA / "gpt4_1106_preview_model_outputs.json").read_text())
+    ]
+    held_out = difficulty_table(compact, instructions, exclude={"humpback-llama2-70b"})
+    rows = json.loads((ALPACA / HUMPBACK_ANNOTATIONS).read_text())
+    prefs, model_len, ref_len = humpback
+    loo = lc_scores([r["instruction"] for r in rows], prefs, model_len, ref_len,
+                    dict(zip(held_out["instruction_key"], held_out["difficulty"], strict=True)))  # fmt: skip
+    assert abs(loo["length_controlled_winrate"] - published["length_controlled_winrate"]) < 1.5
+
+
+def test_the_shipped_difficulties_are_the_fit_of_the_shared_annotations(shared_data):
+    import polars as pl
+
+    from bft_assets.lc import difficulty_table, shipped_difficulty
+
+    compact = pl.read_parquet(ALPACA / "alpaca_eval2_annotations_compact.parquet")
+    instructions = [
+        r["instruction"]
+        for r in json.loads((ALPACA / "gpt4_1106_preview_model_outputs.json").read_text())
+    ]
+    fitted = difficulty_table(compact, instructions)
+    shipped = shipped_difficulty()
+    assert len(shipped) == 805
+    assert (
+        max(
+            abs(shipped[k] - d)
+            for k, d in zip(fitted["instruction_key"], fitted["difficulty"], strict=True)
+        )
+        < 1e-4
+    )
+
+
+def test_the_cli_prints_alpaca_eval_scores(shared_data, capsys):
+    from bft_assets.cli import main
+
+    main(["alpaca-eval-lc", str(ALPACA / HUMPBACK_ANNOTATIONS)])
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) >= {"win_rate", "length_controlled_winrate", "standard_error"}
+    assert round(printed["win_rate"], 2) == 10.12 and 0 < printed["standard_error"] < 2
