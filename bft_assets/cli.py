@@ -108,7 +108,7 @@ def print_recipe_table(inst) -> None:
     from bft_assets.evaluation import recipe_summaries
     from bft_resources.storage import storage_for
 
-    table = recipe_summaries(inst, storage_for(inst.storage_root, inst.storage_root, None))
+    table = recipe_summaries(inst, storage_for(inst.storage_root, None))
     if table.is_empty():
         return
     print(
@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     inst = _declared(args.instance)
     # S3 settings outside a run come from boto3's chain.
-    storage = storage_for(inst.storage_root, inst.storage_root, inst._s3())
+    storage = storage_for(inst.storage_root, inst.s3_resource())
     written = export_recipe(inst, storage, args.recipe, Path(args.destination))
     for what, where in written.items():
         print(f"{what:>9}: {where}")

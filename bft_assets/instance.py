@@ -234,7 +234,7 @@ class BftInstance:
                     "seed_model_storage": self.seed_models_from}  # fmt: skip
         return set(Bound.__dataclass_fields__) - {k for k, v in optional.items() if v is None}
 
-    def _s3(self) -> S3Resource | None:
+    def s3_resource(self) -> S3Resource | None:
         if self.s3 is None:
             return None
         return S3Resource(**{k: v for k, v in self.s3.model_dump().items() if v is not None})
@@ -247,19 +247,19 @@ class BftInstance:
         """This instance's resources, keyed by ``resource_key(role)``."""
         from bft_assets.demo import demo_eval_path, demo_seed_path
 
-        s3 = self._s3()
+        s3 = self.s3_resource()
         engine = self.engine
         api_key = dg.EnvVar(engine.api_key_env) if engine.api_key_env else None
         judge_key = dg.EnvVar(self.judge.api_key_env) if self.judge.api_key_env else None
         roles: dict[str, dg.ConfigurableResource | None] = {
-            "storage": storage_for(self.storage_root, self.storage_root, s3),
+            "storage": storage_for(self.storage_root, s3),
             "seed_source": SeedSource(uri=str(demo_seed_path()) if self.seed.uri == DEMO_DATA else self.seed.uri),
             "corpus": CorpusSource(uri=self.corpus.uri, s3=s3),
             "base_model": self._model(self.models.base, s3),
             "rewriter_model": self._model(self.models.rewriter, s3),
             "backward_model": self._model(self.models.backward, s3) if self.models.backward else None,
             "forward_model": self._model(self.models.forward, s3) if self.models.forward else None,
-            "seed_model_storage": storage_for(self.seed_models_from.storage, self.seed_models_from.storage, s3)
+            "seed_model_storage": storage_for(self.seed_models_from.storage, s3)
             if self.seed_models_from else None,
             "engine": InferenceEngine(
                 backend=engine.backend, batch_size=engine.batch_size, device=engine.device, dtype=engine.dtype,

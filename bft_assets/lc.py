@@ -13,6 +13,7 @@ only the 805 fitted numbers and a hash of each instruction are shipped), in
 
 import hashlib
 import json
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def difficulty_table(
     })  # fmt: skip
 
 
+@cache
 def shipped_difficulty() -> dict[str, float]:
     path = resources.files("bft_assets") / "data" / "alpaca_eval2_instruction_difficulty.csv"
     table = pl.read_csv(Path(str(path)))

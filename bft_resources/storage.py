@@ -408,12 +408,10 @@ class S3Storage(Storage):
         return folder
 
 
-def storage_for(root: str | dg.EnvVar, resolved_root: str, s3: S3Resource | None) -> Storage:
+def storage_for(root: str, s3: S3Resource | None) -> Storage:
     """The storage for a root: ``s3://`` on S3, anything else a local folder."""
-    if is_s3(resolved_root):
+    if is_s3(root):
         return S3Storage(root=root, s3=s3)
-    if "://" in resolved_root and not resolved_root.startswith("file://"):
-        raise ValueError(
-            f"storage root {resolved_root!r}: use a local folder or s3://bucket/prefix"
-        )
+    if "://" in root and not root.startswith("file://"):
+        raise ValueError(f"storage root {root!r}: use a local folder or s3://bucket/prefix")
     return LocalStorage(root=root)
