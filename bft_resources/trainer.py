@@ -30,6 +30,8 @@ from pydantic import Field
 
 from bft_resources.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from bft_resources.checkpoints import write_manifest
+from bft_resources.engine.base import Chat
+from bft_resources.engine.prompts import render
 
 IGNORE_INDEX = -100
 MESSAGE_SLOT = "\x00message\x00"
@@ -92,13 +94,8 @@ def data_hash(examples: Sequence[TrainingExample]) -> str:
 
 
 def render_prompt(tokenizer, message: str, fallback: Callable[[str], str] | None) -> str:
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
-    if fallback is None:
-        raise ValueError("the model has no chat template and no fallback format was given")
-    return fallback(message)
+    """The prompt of a training example, rendered as the inference engines render it."""
+    return render(tokenizer, Chat(message), fallback)
 
 
 def render_full(
