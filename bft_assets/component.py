@@ -169,7 +169,7 @@ attributes:
   # A few steps at a high learning rate, so a CPU sees the loss fall (paper: 1e-5, 600 steps).
   training:
     learning_rate: 0.0001
-    max_steps: 3
+    steps: [3]
     batch_size: 8
 
   # recipes: the paper's four and a seed-only baseline unless listed, e.g.

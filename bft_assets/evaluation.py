@@ -9,10 +9,10 @@ MAUVE against web and distilled responses.
 """
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -31,14 +31,13 @@ from bft_assets.metrics import unique_trigrams, win_rate
 from bft_assets.prompts import EVAL_TAGS, JUDGE, llama2_inst
 from bft_assets.reporting import markdown_table, table_metadata
 from bft_assets.specs import EvalSpec
-from bft_assets.training import tag
+from bft_assets.training import manifest_sha256, read_checkpoint_index, tag
 from bft_resources.embeddings import Embedder
 from bft_resources.engine import Chat, InferenceEngine, LoadedModel, LogprobsUnavailable, Sampling
 from bft_resources.judge import Judge
 from bft_resources.models import ModelResource
 from bft_resources.quality import Rule, run_rules
 from bft_resources.storage import Storage
-from bft_resources.trainer import MANIFEST
 from bft_resources.work import ResumableWork
 
 VERDICTS = ("1", "2")
@@ -250,6 +249,40 @@ def _variant_scores(table: pl.DataFrame, variant: str) -> dict[str, float]:
     }
 
 
+def alpaca_eval_outputs(results: pl.DataFrame, generator: str) -> str:
+    """Answers in AlpacaEval's model_outputs format (the instruction as the eval set has it,
+    without the suffix the model was asked with), for ``alpaca_eval evaluate --model_outputs``."""
+    rows = [{"instruction": i, "output": o, "generator": generator, "dataset": d}
+            for i, o, d in results.select("instruction", "answer", "dataset").iter_rows()]  # fmt: skip
+    return json.dumps(rows, ensure_ascii=False, indent=1)
+
+
+def best_steps(by_step: dict[int, dict], tags: list[str]) -> dict:
+    """Each suffix's scores at its best checkpoint (the paper reports the highest win rate
+    over the steps it trains for), with the best step and every step's win rate beside them."""
+    out: dict = {}
+    for suffix in tags:
+        best = max(by_step, key=lambda step: _finite(by_step[step][f"{suffix}_win_rate"]))
+        out.update({k: v for k, v in by_step[best].items() if k.startswith(f"{suffix}_")})
+        out[f"{suffix}_best_step"] = best
+        for step, scores in by_step.items():
+            out[f"{suffix}_step{step}_win_rate"] = scores[f"{suffix}_win_rate"]
+    return out
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
+def _step_table(by_step: dict[int, dict], tags: list[str]) -> dg.MetadataValue:
+    return markdown_table([
+        {"step": step, "suffix": suffix, "win_rate": round(scores[f"{suffix}_win_rate"], 2),
+         "standard_error": round(scores[f"{suffix}_standard_error"], 2),
+         "lc_win_rate": round(scores[f"{suffix}_lc_win_rate"], 2)}
+        for step, scores in sorted(by_step.items()) for suffix in tags
+    ])  # fmt: skip
+
+
 def _mauve_scores(
     embedder: Embedder, storage: Storage, table: str, shards: list[str], responses: list[str], limit: int
 ) -> dict:  # fmt: skip
@@ -379,35 +412,45 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
             context, config, questions, engine, base_model, storage, table, sampling
         )
         rows = _key_frame(questions).drop("reference").join(references, on="row_id")
-        checkpoint = str(storage.fetch_checkpoint(inst.table(FINETUNED_CHECKPOINT), recipe))
-        # Resumed answers must come from this very checkpoint and eval set: both are in the key.
-        manifest = (Path(checkpoint) / MANIFEST).read_bytes()
+        checkpoints = read_checkpoint_index(storage, inst.table(FINETUNED_CHECKPOINT), recipe)
         instructions = "\x00".join(rows["instruction"].to_list())
-        answered, works = [], []
-        with engine.load(
-            ModelResource(model=checkpoint), fallback=llama2_inst
-        ) as model:  # one load for every suffix
-            for variant in config.tags:
-                key = hashlib.sha256(
-                    f"{variant};{sampling};{instructions}".encode() + manifest
-                ).hexdigest()[:16]
-                # Kept until the judging is done: a judge that fails mid-run costs no answer.
-                work = ResumableWork(
-                    storage.scratch_dir(table, recipe, key), "row_id", context.log.warning
+        answered, works, folders = [], [], {}
+        for step, part, sha in checkpoints.select(
+            "step", "partition", "manifest_sha256"
+        ).iter_rows():
+            checkpoint = storage.fetch_checkpoint(inst.table(FINETUNED_CHECKPOINT), part)
+            if manifest_sha256(checkpoint) != sha:
+                raise RuntimeError(
+                    f"{checkpoint}: its manifest is not the one its training run recorded"
                 )
-                works.append(work)
-                answers = _generate_answers(
-                    model,
-                    rows,
-                    EVAL_TAGS[variant],
-                    sampling,
-                    work,
-                    config.batch_rows,
-                    context.log.info,
-                )
-                answered.append(
-                    rows.join(answers, on="row_id").with_columns(variant=pl.lit(variant))
-                )
+            folders[step] = str(checkpoint)
+            with engine.load(ModelResource(model=str(checkpoint)), fallback=llama2_inst) as model:
+                for variant in config.tags:
+                    # Resumed answers must come from this very checkpoint and eval set: both are in the key.
+                    key = hashlib.sha256(
+                        f"{variant};{sampling};{instructions};{sha}".encode()
+                    ).hexdigest()[:16]
+                    # Kept until the judging is done: a judge that fails mid-run costs no answer.
+                    work = ResumableWork(
+                        storage.scratch_dir(table, recipe, key), "row_id", context.log.warning
+                    )
+                    works.append(work)
+                    answers = _generate_answers(
+                        model,
+                        rows,
+                        EVAL_TAGS[variant],
+                        sampling,
+                        work,
+                        config.batch_rows,
+                        context.log.info,
+                    )
+                    answered.append(
+                        rows.join(answers, on="row_id").with_columns(
+                            variant=pl.lit(variant),
+                            step=pl.lit(step, dtype=pl.Int64),
+                            checkpoint_sha256=pl.lit(sha),
+                        )
+                    )
         pairs = pl.concat(answered).with_columns(
             judgement_key=pl.struct("instruction", "answer", "reference").map_elements(
                 lambda r: judgement_key(
@@ -445,12 +488,22 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
             judge=pl.lit(judge.reference),
         )
         uri = storage.write(table, results, partition=recipe)
+        outputs = {
+            (step, variant): storage.write_text(
+                f"{table}/{recipe}.alpaca_eval/{variant}.step{step}.json",
+                alpaca_eval_outputs(results.filter((pl.col("step") == step) & (pl.col("variant") == variant)),
+                                    f"{inst.prefix}-{recipe}-step{step}"),
+            )
+            for step in folders for variant in config.tags
+        }  # fmt: skip
         for work in works:
             work.clear()
 
-        scores = {
-            k: v for variant in config.tags for k, v in _variant_scores(results, variant).items()
-        }
+        by_step = {
+            step: {k: v for variant in config.tags for k, v in _variant_scores(results.filter(pl.col("step") == step), variant).items()}
+            for step in folders
+        }  # fmt: skip
+        scores = best_steps(by_step, config.tags)
         training_set = storage.read(inst.table(FINETUNED_CHECKPOINT), recipe, "train")
         generated = training_set.filter(pl.col("source") == "generated")
         shards = context.instance.get_dynamic_partitions(inst.shards.name)
@@ -507,8 +560,10 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
                 "suffix_chosen_across_recipes": suffix,
                 "win_rate_by_source": markdown_table(by_source.to_dicts()),
                 "path": dg.MetadataValue.path(uri),
+                "alpaca_eval_outputs": dg.MetadataValue.path(outputs[scores[f"{suffix}_best_step"], suffix]),
                 "judge": judge.reference,
-                "checkpoint": dg.MetadataValue.path(checkpoint),
+                "checkpoint": dg.MetadataValue.path(folders[scores[f"{suffix}_best_step"]]),
+                "checkpoint_steps": _step_table(by_step, config.tags),
             },
             check_results=[
                 *run_rules(results, EVAL_RULES),

@@ -16,7 +16,7 @@ import polars as pl
 
 from bft_assets.instance import FINETUNED_CHECKPOINT, BftInstance
 from bft_assets.prompts import BACKTRANSLATE, JUDGE, REWRITE, SCORE, SEED_TAG, WEB_TAG
-from bft_assets.training import chat_jsonl
+from bft_assets.training import chat_jsonl, read_checkpoint_index
 from bft_resources.storage import Storage
 from bft_resources.trainer import MANIFEST
 
@@ -50,7 +50,7 @@ with bft: recipe `{recipe}`.
 - Base model: `{manifest.get("base_model", "?")}`; generated size setting: {manifest.get("generated_size")}
 - Data hash: `{manifest.get("data_hash", "?")}`
 - Prompt versions: {BACKTRANSLATE.version}, {SCORE.version}, {REWRITE.version}, {JUDGE.version}
-- Fine-tuning: lr {hp.get("learning_rate")}, {hp.get("max_steps")} steps, batch {hp.get("batch_size")},
+- Fine-tuning: lr {hp.get("learning_rate")}, {manifest.get("step")} steps, batch {hp.get("batch_size")},
   method {hp.get("method")}; final probe loss {manifest.get("final_loss")}
 
 Files: `data/` (`datasets.load_from_disk`), `train.jsonl` (chat `messages`), `train.parquet`,
@@ -73,7 +73,9 @@ def export_recipe(
         raise FileNotFoundError(
             f"no training set for recipe {recipe!r}: materialize {table}[{recipe}]"
         )
-    checkpoint = storage.fetch_checkpoint(table, recipe)
+    # The last declared step's checkpoint: eval_scores' metadata names the best one.
+    last = read_checkpoint_index(storage, table, recipe).row(-1, named=True)
+    checkpoint = storage.fetch_checkpoint(table, last["partition"])
     manifest_path = checkpoint / MANIFEST
     training_set = storage.read(table, recipe, "train")
     manifest = json.loads(manifest_path.read_text())

@@ -10,8 +10,9 @@ import polars as pl
 
 from bft_assets.instance import SEED_EXAMPLES, SEED_MODEL, BftInstance
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst
+from bft_assets.specs import TrainingSettings
 from bft_assets.tuning import loss_check, probe_check, training_metadata, training_version
-from bft_resources.trainer import TrainingExample
+from bft_resources.trainer import Hyperparameters, Trainer, TrainingExample
 
 CHECK_SEED_LOSS = "seed_model_loss_decreased"
 CHECK_SEED_LOADS = "seed_model_checkpoint_generates"
@@ -27,6 +28,12 @@ def seed_training_examples(seed: pl.DataFrame, direction: str) -> list[TrainingE
         TrainingExample(i, r, "seed")
         for i, r in zip(seed["instruction"], seed["response"], strict=True)
     ]
+
+
+def seed_hyperparameters(trainer: Trainer, settings: TrainingSettings) -> Hyperparameters:
+    """A seed model trains to the last declared step and keeps that checkpoint only: the
+    generation stages read one model, and the paper's step protocol is about the final one."""
+    return trainer.hyperparameters(**{**settings.model_dump(), "steps": [max(settings.steps)]})
 
 
 def build_seed_model(inst: BftInstance) -> dg.AssetsDefinition:
@@ -59,7 +66,7 @@ def build_seed_model(inst: BftInstance) -> dg.AssetsDefinition:
         examples = seed_training_examples(seed, direction)
         result = trainer.fine_tune(
             str(base_model.local_path()), examples, str(storage.checkpoint_dir(table, direction)),
-            trainer.hyperparameters(**settings.model_dump()), base_reference=base_model.reference,
+            seed_hyperparameters(trainer, settings), base_reference=base_model.reference,
             fallback=llama2_inst, log=context.log.info, context=context, extra_manifest={"direction": direction},
         )  # fmt: skip
         uri = storage.publish_checkpoint(table, direction)

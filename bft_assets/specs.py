@@ -148,21 +148,50 @@ class JudgeSpec(dg.Resolvable, dg.Model):
 class TrainerSpec(dg.Resolvable, dg.Model):
     method: Literal["full", "lora"] = Field(default="full", description="Full fine-tuning or LoRA.")
     merge_lora: bool = Field(default=True, description="Merge LoRA adapters into the checkpoint.")
-    micro_batch_size: int = Field(default=4, description="Examples per forward pass.")
-    max_seq_len: int = Field(default=1024, description="Tokens per example; longer ones are cut and counted.")  # fmt: skip
+    micro_batch_size: int = Field(default=4, description="Examples per forward pass and process.")
+    max_seq_len: int | None = Field(
+        default=None,
+        description="Tokens per example; longer ones are cut and counted. Default: the base model's context.",
+    )
     log_every: int = Field(default=10, description="Log every N optimizer steps.")
-    num_gpus: int = Field(default=1, description="GPUs per training step (accelerate launch when > 1).")  # fmt: skip
+    num_gpus: int = Field(default=1, description="Processes (GPUs) per training run (accelerate launch when > 1).")  # fmt: skip
+    distributed: str = Field(
+        default="auto",
+        description="accelerate config: auto, single_gpu, ddp, fsdp, zero3, zero3_offload, or a YAML path.",
+        examples=["fsdp", "zero3_offload", "/etc/bft/my_accelerate.yaml"],
+    )
     launcher: Literal["auto", "in_process", "subprocess"] = Field(default="auto", description="Where training runs.")  # fmt: skip
+    bf16: bool | None = Field(default=None, description="bf16 weights; default: where the GPU supports it.")  # fmt: skip
+    gradient_checkpointing: bool | None = Field(default=None, description="Default: on a GPU.")
+    gpu_memory_gb: float | None = Field(
+        default=None, description="One GPU's memory for the fit check; default: read from the GPU."
+    )
+
+    @field_validator("distributed")
+    @classmethod
+    def _a_strategy(cls, value: str) -> str:
+        from bft_resources.distributed import STRATEGIES
+
+        if value != "auto" and value not in STRATEGIES and not value.endswith((".yaml", ".yml")):
+            raise ValueError(
+                f"distributed {value!r}: auto, {', '.join(STRATEGIES)} or a path to a .yaml file"
+            )
+        return value
 
 
 class TrainingSettings(dg.Resolvable, dg.Model):
     """METHOD.md step 4 (7B): cosine schedule, batch 32, weight decay 0.1, dropout 0.1, lr 1e-5."""
 
     learning_rate: float = Field(default=1e-5, description="Peak learning rate (paper: 1e-5 7B, 5.5e-6 70B).")  # fmt: skip
-    max_steps: int = Field(default=600, description="Optimizer steps (paper: 600/900/1200).")
+    steps: list[int] = Field(
+        default=[600, 900, 1200],
+        description="Optimizer steps with a checkpoint each; training ends at the last and eval_scores "
+        "reports every one and the best (paper, 7B: 600, 900, 1200). A seed model keeps its last.",
+        examples=[[600, 900, 1200], [3]],
+    )
     batch_size: int = Field(default=32, description="Examples per optimizer step.")
     weight_decay: float = Field(default=0.1, description="AdamW weight decay.")
-    dropout: float = Field(default=0.1, description="Dropout.")
+    dropout: float = Field(default=0.1, description="Every dropout the architecture exposes (the manifest names them).")  # fmt: skip
     warmup_ratio: float = Field(
         default=0.0,
         description="Share of steps warming up the learning rate (not in the paper: 0 unless set).",

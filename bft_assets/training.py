@@ -4,6 +4,7 @@ selects its generated pairs from rewritten_dataset."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -16,13 +17,13 @@ from bft_assets.instance import (
     digest,
 )
 from bft_assets.prompts import SEED_TAG, WEB_TAG, llama2_inst
-from bft_assets.reporting import sample_rows, table_metadata
+from bft_assets.reporting import markdown_table, sample_rows, table_metadata
 from bft_assets.rewriting import OK
 from bft_assets.specs import RecipeSpec
 from bft_assets.tuning import loss_check, probe_check, training_metadata, training_version
 from bft_resources.quality import Rule, run_rules
 from bft_resources.storage import Storage
-from bft_resources.trainer import TrainingExample
+from bft_resources.trainer import MANIFEST, TrainingExample, TrainingResult
 
 TAG_SEPARATOR = "\n"
 
@@ -127,6 +128,43 @@ def rewritten_shards(
     return pl.concat(frames, how="diagonal_relaxed"), present, missing
 
 
+# ---- the step protocol: one checkpoint per declared step, never overwritten -----------------
+
+CHECKPOINTS_SUFFIX = "checkpoints"
+
+
+def checkpoint_partition(recipe: str, step: int, run_id: str) -> str:
+    """Where one step's checkpoint of one run lives: a new run writes new folders, so a
+    checkpoint an evaluation refers to is never replaced under it."""
+    return f"{recipe}.step{step}.{run_id[:8]}"
+
+
+def manifest_sha256(folder: Path) -> str:
+    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+
+
+def read_checkpoint_index(storage: Storage, table: str, recipe: str) -> pl.DataFrame:
+    """The latest run's checkpoints of a recipe: step, storage partition, manifest hash."""
+    if not storage.exists(table, recipe, CHECKPOINTS_SUFFIX):
+        raise FileNotFoundError(f"no checkpoint of {table}[{recipe}]: materialize it first")
+    return storage.read(table, recipe, CHECKPOINTS_SUFFIX).sort("step")
+
+
+def publish_checkpoints(
+    storage: Storage, table: str, recipe: str, parts: dict[int, str], result: TrainingResult, run_id: str
+) -> list[dict]:  # fmt: skip
+    """Publish each step's checkpoint and record the run's index (what eval_scores reads)."""
+    index = []
+    for step, part in sorted(parts.items()):
+        uri = storage.publish_checkpoint(table, part)
+        local = storage.fetch_checkpoint(table, part)
+        index.append({"step": step, "partition": part, "uri": uri, "run_id": run_id,
+                      "manifest_sha256": manifest_sha256(local),
+                      "probe_loss": result.probe_losses.get(step, float("nan"))})  # fmt: skip
+    storage.write(table, pl.DataFrame(index), partition=recipe, suffix=CHECKPOINTS_SUFFIX)
+    return index
+
+
 TRAINING_SET_COLUMNS = {
     "source": "seed or generated",
     "prompt": "Instruction with its source tag on the last line",
@@ -178,15 +216,22 @@ def build_finetuned_checkpoint(inst: BftInstance) -> dg.AssetsDefinition:
             TrainingExample(p, x, s)
             for p, x, s in training_set.select("prompt", "response", "source").iter_rows()
         ]
+        hp = trainer.hyperparameters(**settings[recipe.name].model_dump())
+        parts = {step: checkpoint_partition(recipe.name, step, context.run_id) for step in hp.steps}
+        folders = {step: str(storage.checkpoint_dir(table, part)) for step, part in parts.items()}
         result = trainer.fine_tune(
-            str(base_model.local_path()), examples, str(storage.checkpoint_dir(table, recipe.name)),
-            trainer.hyperparameters(**settings[recipe.name].model_dump()),
+            str(base_model.local_path()), examples, folders[hp.max_steps], hp,
             base_reference=base_model.reference, fallback=llama2_inst, log=context.log.info, context=context,
             extra_manifest={"recipe": recipe.name, "recipe_spec": recipe.model_dump(mode="json"),
-                            "generated_size": recipe.generated_size, "shards_missing": missing},
+                            "generated_size": recipe.generated_size, "shards_missing": missing,
+                            "run_id": context.run_id},
+            checkpoint_dirs=folders,
         )  # fmt: skip
-        uri = storage.publish_checkpoint(table, recipe.name)
-        checkpoint = str(storage.fetch_checkpoint(table, recipe.name))
+        index = publish_checkpoints(storage, table, recipe.name, parts, result, context.run_id)
+        uri, checkpoint = (
+            index[-1]["uri"],
+            str(storage.fetch_checkpoint(table, parts[hp.max_steps])),
+        )
         sources = dict(training_set["source"].value_counts().rows())
         generated = sources.get("generated", 0)
         wanted = recipe.generated_size
@@ -206,6 +251,9 @@ def build_finetuned_checkpoint(inst: BftInstance) -> dg.AssetsDefinition:
                     training_set.filter(pl.col("source") == "generated"), ["prompt", "response"]
                 ),
                 **training_metadata(result, uri),
+                "checkpoints": markdown_table(
+                    [{k: r[k] for k in ("step", "partition", "probe_loss")} for r in index]
+                ),
                 "base_model": base_model.reference,
             },
             check_results=[

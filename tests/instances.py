@@ -118,3 +118,26 @@ def record_whole_graph(defs: dg.Definitions, instance: dg.DagsterInstance) -> No
             continue
         for partition in partitions_of(asset, instance):
             assert record_built(instance, asset, partition)
+
+
+def place_checkpoint(storage, table: str, recipe: str, source, manifest: dict, steps=(1,)) -> list:
+    """Stand a model folder in as a recipe's trained checkpoints (one per step), in the layout
+    finetuned_checkpoint writes: step folders plus the run's index."""
+    import shutil
+
+    from bft_assets.training import checkpoint_partition, publish_checkpoints
+    from bft_resources.checkpoints import write_manifest
+    from bft_resources.trainer import TrainingResult
+
+    parts = {}
+    for step in steps:
+        parts[step] = checkpoint_partition(recipe, step, "placed00")
+        folder = storage.checkpoint_dir(table, parts[step])
+        shutil.copytree(source, folder)
+        write_manifest(folder, {**manifest, "step": step})
+    result = TrainingResult(str(folder), max(steps), [], [], 0.0, 0, 0)
+    return (
+        [storage.checkpoint_dir(table, p) for p in parts.values()]
+        if publish_checkpoints(storage, table, recipe, parts, result, "placed00")
+        else []
+    )

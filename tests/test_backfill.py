@@ -38,7 +38,7 @@ query Status($id: String!) {
 def _train_backward_model(home: Path, model: Path) -> None:
     """backtranslated_pool reads seed_model[backward]: train it first (a few steps), into the
     demo instance's storage."""
-    inst = declare(home, model, prefix="demo", training={"max_steps": 2, "batch_size": 4},
+    inst = declare(home, model, prefix="demo", training={"steps": [2], "batch_size": 4},
                    engine={"dtype": "float32"})  # fmt: skip
     with dg.instance_for_test() as instance:
         assert materialize(inst, [SEED_EXAMPLES], instance).success

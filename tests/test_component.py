@@ -333,7 +333,7 @@ def test_a_second_instance_reads_the_first_ones_seed_models(tmp_path, tiny_token
     """The paper's corpus ablation: seed models trained once (web), read by c4, which trains
     none of its own; lineage runs from web/seed_model to c4's generation stages."""
     web = declare(tmp_path / "web", tiny_tokenizer_model, prefix="web",
-                  training={"max_steps": 1, "batch_size": 4}, engine={"dtype": "float32"})  # fmt: skip
+                  training={"steps": [1], "batch_size": 4}, engine={"dtype": "float32"})  # fmt: skip
     write_demo_corpus(tmp_path / "c4" / "corpus", shards=1, docs_per_shard=3)
     c4 = declare(tmp_path / "c4", tiny_tokenizer_model, prefix="c4",
                  seed_models_from={"instance": "web", "storage": web.storage_root},

@@ -52,7 +52,9 @@ def test_demo_materializes_every_asset_and_records_runs(tmp_path, smollm2):
     pool = pl.read_parquet(storage / "backtranslated_pool" / "stdlib-docs-0000.parquet")
     assert pool["model"].unique().to_list() == [str(storage / "seed_model" / "backward")]
     for recipe in ("seed_only", "filtering", "filtering_rewriting"):
-        assert (storage / "finetuned_checkpoint" / recipe / "model.safetensors").exists()
+        index = pl.read_parquet(storage / "finetuned_checkpoint" / f"{recipe}.checkpoints.parquet")
+        assert index["step"].to_list() == [3]  # the demo declares steps: [3]
+        assert (storage / "finetuned_checkpoint" / index["partition"][0] / "model.safetensors").exists()
         assert (storage / "finetuned_checkpoint" / f"{recipe}.train.jsonl").exists()
         summary = pl.read_parquet(storage / "eval_scores" / f"{recipe}.summary.parquet")
         assert 0 <= summary["assistant_win_rate"][0] <= 100 and summary["assistant_judged"][0] == 8

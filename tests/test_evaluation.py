@@ -2,12 +2,11 @@
 SmolLM2 judge end to end."""
 
 import json
-import shutil
 
 import dagster as dg
 import polars as pl
 import pytest
-from instances import declare, materialize, node
+from instances import declare, materialize, node, place_checkpoint
 
 from bft_assets.evaluation import (
     LOGPROBS,
@@ -22,7 +21,6 @@ from bft_assets.evaluation import (
     verdict_reading,
 )
 from bft_assets.instance import EVAL_SCORES, FINETUNED_CHECKPOINT, REWRITTEN_DATASET
-from bft_resources.checkpoints import write_manifest
 from bft_resources.engine import Chat, InferenceEngine
 from bft_resources.engine.endpoint import EndpointError
 from bft_resources.judge import Judge
@@ -131,9 +129,9 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
                                                   "min_agreement": 0.0})  # fmt: skip
     storage = LocalStorage(root=str(tmp_path / "storage"))
     recipe = "filtering"
-    checkpoint = storage.checkpoint_dir(inst.table(FINETUNED_CHECKPOINT), recipe)
-    shutil.copytree(smollm2.local_path(), checkpoint)  # stands as the recipe's trained model
-    write_manifest(checkpoint, {"recipe": recipe, "base_model": "smollm2"})
+    # SmolLM2 stands as the recipe's trained model
+    place_checkpoint(storage, inst.table(FINETUNED_CHECKPOINT), recipe, smollm2.local_path(),
+                     {"recipe": recipe, "base_model": "smollm2"})  # fmt: skip
     storage.write(inst.table(FINETUNED_CHECKPOINT), pl.DataFrame({
         "id": ["g1", "g2", "s1"], "source": ["generated", "generated", "seed"],
         "instruction": ["Explain sorting.", "Explain hashing.", "Say hi."], "prompt": ["p", "p", "p"],

@@ -10,6 +10,7 @@ from bft_assets.cli import main
 from bft_assets.export import export_recipe
 from bft_assets.instance import FINETUNED_CHECKPOINT
 from bft_assets.prompts import SEED_TAG, WEB_TAG
+from bft_assets.training import checkpoint_partition, publish_checkpoints
 from bft_resources.engine import Chat, InferenceEngine, Sampling
 from bft_resources.storage import LocalStorage
 from bft_resources.trainer import Hyperparameters, TrainingExample, train
@@ -26,6 +27,14 @@ def inst(tmp_path, tiny_tokenizer_model):
     return declare(tmp_path, tiny_tokenizer_model)
 
 
+def train_recipe(storage, table, model, examples) -> None:
+    """Train one step into the layout finetuned_checkpoint writes, index included."""
+    part = checkpoint_partition("filtering", 1, "testrun0")
+    result = train(str(model), examples, str(storage.checkpoint_dir(table, part)),
+                   Hyperparameters(steps=(1,), batch_size=2, micro_batch_size=2), base_reference="tiny")  # fmt: skip
+    publish_checkpoints(storage, table, "filtering", {1: part}, result, "testrun0")
+
+
 @pytest.fixture
 def exported_storage(tmp_path, tiny_tokenizer_model, inst):
     storage = LocalStorage(root=str(tmp_path / "storage"))
@@ -35,8 +44,7 @@ def exported_storage(tmp_path, tiny_tokenizer_model, inst):
         TrainingExample(p, r, s)
         for p, r, s in TRAINING_SET.select("prompt", "response", "source").iter_rows()
     ]
-    train(str(tiny_tokenizer_model), examples, str(storage.checkpoint_dir(table, "filtering")),
-          Hyperparameters(max_steps=1, batch_size=2, micro_batch_size=2), base_reference="tiny")  # fmt: skip
+    train_recipe(storage, table, tiny_tokenizer_model, examples)
     return storage
 
 
@@ -77,8 +85,7 @@ def test_the_cli_exports_from_the_declared_demo_instance(
         TrainingExample(p, r, s)
         for p, r, s in TRAINING_SET.select("prompt", "response", "source").iter_rows()
     ]
-    train(str(tiny_tokenizer_model), examples, str(storage.checkpoint_dir(demo.table(FINETUNED_CHECKPOINT), "filtering")),
-          Hyperparameters(max_steps=1, batch_size=2, micro_batch_size=2), base_reference="tiny")  # fmt: skip
+    train_recipe(storage, demo.table(FINETUNED_CHECKPOINT), tiny_tokenizer_model, examples)
     main(["export", "filtering", str(tmp_path / "cli-export"), "--instance", "demo"])
     assert "datasets:" in capsys.readouterr().out
     assert (tmp_path / "cli-export" / "model" / "manifest.json").exists()

@@ -15,7 +15,7 @@ from bft_resources.corpus import CorpusSource
 from bft_resources.models import ModelResource, model_cache_dir
 from bft_resources.storage import S3Storage
 
-FAST_TRAINING = {"learning_rate": 3e-3, "max_steps": 2, "batch_size": 4, "dropout": 0.0}
+FAST_TRAINING = {"learning_rate": 3e-3, "steps": [2], "batch_size": 4, "dropout": 0.0}
 GENERATION = {
     "backtranslation": {"max_new_tokens": 8},
     "scoring": {"mode": "logprobs"},
@@ -98,17 +98,20 @@ def test_the_whole_graph_runs_on_s3(s3, tiny_tokenizer_model, tmp_path, monkeypa
         for asset in stages:
             assert f"bft/t/{asset}/{shard}.parquet" in keys
         assert f"bft/t/candidate_responses/{shard}.rejects.parquet" in keys
+    (tuned_folder,) = [k.split("/")[3] for k in keys if k.startswith("bft/t/finetuned_checkpoint/filtering.step2.")
+                       and k.endswith("/manifest.json")]  # fmt: skip
     for checkpoint in (
         "seed_model/backward",
         "seed_model/forward",
-        "finetuned_checkpoint/filtering",
+        f"finetuned_checkpoint/{tuned_folder}",
     ):
         assert f"bft/t/{checkpoint}/manifest.json" in keys
         assert f"bft/t/{checkpoint}/model.safetensors" in keys
     assert {"bft/t/seed_examples.parquet", "bft/t/eval_scores/filtering.parquet",
             "bft/t/finetuned_checkpoint/filtering.train.jsonl"} <= set(keys)  # fmt: skip
     meta = tuned.asset_materializations_for_node(node(inst, "finetuned_checkpoint"))[0].metadata
-    assert meta["checkpoint"].value == s3.uri("bft/t/finetuned_checkpoint/filtering")
+    assert meta["checkpoint"].value == s3.uri(f"bft/t/finetuned_checkpoint/{tuned_folder}")
+    assert "bft/t/finetuned_checkpoint/filtering.checkpoints.parquet" in keys
     assert meta["training_set"].value == s3.uri(
         "bft/t/finetuned_checkpoint/filtering.train.parquet"
     )

@@ -7,7 +7,6 @@ import pytest
 from bft_assets.prompts import llama2_inst
 from bft_resources.engine import Chat, InferenceEngine, Sampling
 from bft_resources.trainer import (
-    IGNORE_INDEX,
     MANIFEST,
     Hyperparameters,
     TrainingExample,
@@ -32,30 +31,15 @@ def tokenizer(tiny_tokenizer_model):
     return AutoTokenizer.from_pretrained(tiny_tokenizer_model)
 
 
-def test_loss_is_on_response_tokens_only(tokenizer):
-    ids, labels, truncated = encode_example(tokenizer, EXAMPLES[0], max_len=512)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": EXAMPLES[0].prompt}], tokenize=False,
-                                           add_generation_prompt=True)  # fmt: skip
-    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert not truncated and len(ids) == len(labels)
-    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:] and len(ids) > n_prompt
-    assert EXAMPLES[0].response in tokenizer.decode(ids[n_prompt:])
-
-
 def test_without_a_chat_template_the_llama2_format_is_used(tokenizer):
     template, tokenizer.chat_template = tokenizer.chat_template, None
     try:
-        ids, labels, _ = encode_example(tokenizer, EXAMPLES[1], 512, fallback=llama2_inst)
-        masked = sum(label == IGNORE_INDEX for label in labels)
-        assert tokenizer.decode(ids[:masked]).startswith("[INST] How do I join paths? [/INST]")
+        ids, mask = encode_example(tokenizer, EXAMPLES[1], fallback=llama2_inst)
+        assert tokenizer.decode(ids[: mask.index(1)]).startswith(
+            "[INST] How do I join paths? [/INST]"
+        )
     finally:
         tokenizer.chat_template = template
-
-
-def test_truncation_is_reported(tokenizer):
-    ids, labels, truncated = encode_example(tokenizer, EXAMPLES[0], max_len=8)
-    assert truncated and len(ids) == len(labels) == 8
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -63,7 +47,7 @@ def test_fine_tuning_lowers_the_loss_and_the_checkpoint_serves(
     tiny_tokenizer_model, tmp_path, method
 ):
     # No dropout here: a 2-layer, 32-wide random model has too little capacity to learn through it.
-    hp = Hyperparameters(learning_rate=3e-3 if method == "full" else 2e-2, max_steps=12, batch_size=4,
+    hp = Hyperparameters(learning_rate=3e-3 if method == "full" else 2e-2, steps=(12,), batch_size=4,
                          micro_batch_size=2, warmup_ratio=0.0, dropout=0.0, method=method, lora_r=16,
                          lora_alpha=32)  # fmt: skip
     out = tmp_path / "ckpt"
@@ -87,7 +71,7 @@ def test_fine_tuning_lowers_the_loss_and_the_checkpoint_serves(
 
 
 def test_lora_adapters_can_be_kept_separate(tiny_tokenizer_model, tmp_path):
-    hp = Hyperparameters(learning_rate=1e-2, max_steps=2, batch_size=2, micro_batch_size=2, method="lora",
+    hp = Hyperparameters(learning_rate=1e-2, steps=(2,), batch_size=2, micro_batch_size=2, method="lora",
                          merge_lora=False, lora_r=4, lora_alpha=8)  # fmt: skip
     train(str(tiny_tokenizer_model), EXAMPLES, str(tmp_path / "adapter"), hp, base_reference="tiny")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()

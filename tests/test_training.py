@@ -11,9 +11,16 @@ from bft_assets.instance import FINETUNED_CHECKPOINT, REWRITTEN_DATASET, SEED_EX
 from bft_assets.prompts import BACKTRANSLATE, SEED_TAG, WEB_TAG
 from bft_assets.seed_model import seed_training_examples
 from bft_assets.specs import PAPER_RECIPES, RecipeSpec
-from bft_assets.training import assemble_training_set, chat_jsonl, generated_pairs
+from bft_assets.training import (
+    assemble_training_set,
+    chat_jsonl,
+    generated_pairs,
+    read_checkpoint_index,
+)
 from bft_resources.storage import LocalStorage
 from bft_resources.trainer import MANIFEST
+
+from tiny_models import without_chat_template
 
 RECIPES = {r.name: r for r in PAPER_RECIPES}
 SEED = pl.DataFrame({"id": ["s1", "s2"], "instruction": ["Say hi.", "Count to two."],
@@ -110,7 +117,7 @@ def test_seed_model_directions_reverse_the_pairs():
     assert (forward[0].prompt, forward[0].response) == ("Say hi.", "Hi!")
 
 
-FAST = {"learning_rate": 3e-3, "max_steps": 4, "batch_size": 4, "dropout": 0.0}
+FAST = {"learning_rate": 3e-3, "steps": [4], "batch_size": 4, "dropout": 0.0}
 
 
 def _trainable(tmp_path, model, **overrides):
@@ -156,7 +163,10 @@ def test_seed_model_and_finetuned_checkpoint_materialize(tmp_path, tiny_tokenize
     assert set(training_set.filter(pl.col("source") == "generated")["response"]) <= {"rw1", "rw5"}
     jsonl = (folder / "filtering_rewriting.train.jsonl").read_text()
     assert len(jsonl.splitlines()) == training_set.height
-    manifest = json.loads((folder / "filtering_rewriting" / MANIFEST).read_text())
+    (part,) = read_checkpoint_index(
+        storage, inst.table(FINETUNED_CHECKPOINT), "filtering_rewriting"
+    )["partition"]
+    manifest = json.loads((folder / part / MANIFEST).read_text())
     assert manifest["recipe"] == "filtering_rewriting" and manifest["shards_missing"] == ["s2"]
     assert manifest["rows_by_source"] == {"seed": 2, "generated": 3}
     assert manifest["recipe_spec"]["min_score"] == 5
@@ -182,20 +192,69 @@ def test_training_in_a_pipes_subprocess_reports_back_into_the_run(tmp_path, tiny
 def test_a_subprocess_trains_a_model_without_a_chat_template(tmp_path, tiny_tokenizer_model):
     """The Pipes worker gets the caller's fallback rendering (Llama-2's [INST] markers for a
     base model with no template, as the paper's Llama-2-7b-hf)."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    base = tmp_path / "no-template"
-    shutil.copytree(tiny_tokenizer_model, base)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(base)
-    (base / "chat_template.jinja").unlink(missing_ok=True)
-    assert not AutoTokenizer.from_pretrained(base).chat_template
+    base = without_chat_template(tiny_tokenizer_model, tmp_path / "no-template")
     inst = _trainable(tmp_path, base, trainer={"launcher": "subprocess"})
     with dg.instance_for_test() as instance:
         assert materialize(inst, [SEED_EXAMPLES], instance).success
         result = materialize(inst, [SEED_MODEL], instance, partition_key="backward")
     meta = result.asset_materializations_for_node(node(inst, SEED_MODEL))[0].metadata
     assert meta["steps"].value == 4
+
+
+def test_checkpoints_at_declared_steps_are_each_evaluated_and_never_overwritten(
+    tmp_path, tiny_tokenizer_model
+):
+    """The paper's step protocol: one run, a checkpoint at each declared step, eval_scores
+    reporting every step and the best; a re-run writes new folders beside the evaluated ones."""
+    from bft_assets.instance import EVAL_SCORES
+    from bft_assets.training import manifest_sha256
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"instruction": f"Name thing {i}.", "output": f"Thing {i}."}) + "\n"
+                                 for i in range(4)))  # fmt: skip
+    inst = _trainable(tmp_path, tiny_tokenizer_model, training={**FAST, "steps": [1, 2, 3]},
+                      recipes=[{"name": "seed_only", "responses": "none"}],
+                      eval={"uri": str(eval_file), "batch_rows": 4, "max_new_tokens": 4, "mauve_texts": 0,
+                            "min_agreement": 0.0, "tags": ["assistant"]})  # fmt: skip
+    storage = LocalStorage(root=str(tmp_path / "storage"))
+    storage.write(inst.table(REWRITTEN_DATASET), _rewritten(), partition="s0")
+    table = inst.table(FINETUNED_CHECKPOINT)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(inst.shards.name, ["s0"])
+        assert materialize(inst, [SEED_EXAMPLES], instance).success
+        assert materialize(
+            inst, [FINETUNED_CHECKPOINT], instance, partition_key="seed_only"
+        ).success
+        first = read_checkpoint_index(storage, table, "seed_only")
+        evaluated = materialize(inst, [EVAL_SCORES], instance, partition_key="seed_only")
+        assert materialize(
+            inst, [FINETUNED_CHECKPOINT], instance, partition_key="seed_only"
+        ).success
+    assert first["step"].to_list() == [1, 2, 3] and first["run_id"].n_unique() == 1
+    for part in first["partition"]:
+        assert json.loads((storage.checkpoint_dir(table, part) / MANIFEST).read_text())[
+            "step"
+        ] == int(part.split(".step")[1].split(".")[0])
+    meta = evaluated.asset_materializations_for_node(node(inst, EVAL_SCORES))[0].metadata
+    steps_table = meta["checkpoint_steps"].value
+    assert all(f"| {step} | assistant |" in steps_table for step in (1, 2, 3)), steps_table
+    summary = storage.read(inst.table(EVAL_SCORES), "seed_only", "summary").row(0, named=True)
+    per_step = {step: summary[f"assistant_step{step}_win_rate"] for step in (1, 2, 3)}
+    assert summary["assistant_win_rate"] == max(per_step.values())
+    assert per_step[summary["assistant_best_step"]] == summary["assistant_win_rate"]
+    results = storage.read(inst.table(EVAL_SCORES), "seed_only")
+    assert sorted(results["step"].unique()) == [1, 2, 3]
+    best = summary["assistant_best_step"]
+    outputs = json.loads((tmp_path / "storage" / "t" / EVAL_SCORES / "seed_only.alpaca_eval"
+                          / f"assistant.step{best}.json").read_text())  # fmt: skip
+    assert [o["instruction"] for o in outputs] == [f"Name thing {i}." for i in range(4)]
+    assert outputs[0]["generator"] == f"t-seed_only-step{best}" and meta["alpaca_eval_outputs"].value.endswith(
+        f"assistant.step{best}.json")  # fmt: skip
+    assert set(results["checkpoint_sha256"]) == set(first["manifest_sha256"])
+
+    # The re-run wrote its own three folders; the evaluated ones are untouched.
+    second = read_checkpoint_index(storage, table, "seed_only")
+    assert second["run_id"][0] != first["run_id"][0]
+    assert not set(second["partition"]) & set(first["partition"])
+    for part, sha in first.select("partition", "manifest_sha256").iter_rows():
+        assert manifest_sha256(storage.checkpoint_dir(table, part)) == sha

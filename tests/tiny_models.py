@@ -65,3 +65,19 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, context: int = 4096) -
         json.dumps({"vocab_size": len(tokenizer), "context": context})
     )
     return folder
+
+
+def without_chat_template(source: Path, folder: Path) -> Path:
+    """A copy of a tiny model whose tokenizer has no chat template (a base model, as the
+    paper's Llama-2-7b-hf): prompts take the caller's fallback format."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    assert not AutoTokenizer.from_pretrained(folder).chat_template
+    return folder
