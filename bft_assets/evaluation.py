@@ -5,18 +5,21 @@ The fine-tuned checkpoint answers every evaluation instruction with each evaluat
 (T=0.7, top_p=0.9); a judge compares each answer with the reference answer in both orders;
 the scores are AlpacaEval-style win rates (raw, with standard error, and length-controlled),
 answer lengths, and the training set's diversity (unique trigrams at equal sample size) and
-MAUVE against web and distilled responses.
+MAUVE against the distilled and web answers to the same instructions, beside a
+distilled-vs-distilled control. The judge is asked through a declared annotator (AlpacaEval's
+own, or bft's prompt: ``bft_assets/annotators.py``); every declared training step's
+checkpoint is evaluated and the best reported, as the paper does.
 """
 
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable
 
 import dagster as dg
 import polars as pl
 
+from bft_assets.annotators import BFT, Annotator, annotator, first_digit_verdict
 from bft_assets.checks import rate_floor_check
 from bft_assets.generation import safe
 from bft_assets.instance import (
@@ -31,7 +34,7 @@ from bft_assets.metrics import unique_trigrams, win_rate
 from bft_assets.prompts import EVAL_TAGS, JUDGE, llama2_inst
 from bft_assets.reporting import markdown_table, table_metadata
 from bft_assets.specs import EvalSpec
-from bft_assets.training import manifest_sha256, read_checkpoint_index, tag
+from bft_assets.training import manifest_sha256, read_checkpoint_index, stable_order, tag
 from bft_resources.embeddings import Embedder
 from bft_resources.engine import Chat, InferenceEngine, LoadedModel, LogprobsUnavailable, Sampling
 from bft_resources.judge import Judge
@@ -40,7 +43,6 @@ from bft_resources.quality import Rule, run_rules
 from bft_resources.storage import Storage
 from bft_resources.work import ResumableWork
 
-VERDICTS = ("1", "2")
 LOGPROBS, TEXT, UNREAD = "logprobs", "text", "unread"
 
 CHECK_ALL_JUDGED = "eval_scores_all_judged"
@@ -52,49 +54,50 @@ EVAL_RULES = (
          {"column": "preference", "min_value": 0.0, "max_value": 1.0}, blocking=True,
          description="Every preference is a probability in [0, 1]."),
 )  # fmt: skip
-_FIRST_DIGIT = re.compile(r"[12]")
 
 
 # ---- the method: judging ------------------------------------------------------------------
 
 
-def judge_chats(instruction: str, first: str, second: str, clean: Callable[[str], str]) -> Chat:
-    return Chat(
-        JUDGE.render(
-            instruction=clean(instruction), first_answer=clean(first), second_answer=clean(second)
-        )
-    )
+def judge_chats(
+    instruction: str, first: str, second: str, clean: Callable[[str], str], how: Annotator | None = None
+) -> Chat:  # fmt: skip
+    """The annotator's chat for a pair (bft's own prompt unless another is given)."""
+    return (how or annotator(BFT)).chat(clean(instruction), clean(first), clean(second))
 
 
 def verdict_from_text(reply: str) -> float | None:
-    """P(answer 1 is better) from a written verdict: the first 1 or 2 in the reply."""
-    found = _FIRST_DIGIT.search(reply)
-    return None if found is None else (1.0 if found.group(0) == "1" else 0.0)
+    """P(answer 1 is better) from bft's written verdict: the first 1 or 2 in the reply."""
+    return first_digit_verdict(reply)
 
 
-def verdict_reading(judge: LoadedModel, probe: Chat) -> str:
-    """How this judge's verdicts can be read: LOGPROBS where it returns log-probabilities
-    (a local model, vLLM's server, OpenAI), else TEXT (e.g. `transformers serve`). One
-    request finds out, so a judge without logprobs is not asked for them on every pair."""
+def verdict_reading(judge: LoadedModel, probe: Chat, how: Annotator | None = None) -> str:
+    """How this judge's verdicts can be read: LOGPROBS where the annotator reads two tokens'
+    log-probabilities and the judge returns them (a local model, vLLM's server, OpenAI), else
+    TEXT (e.g. `transformers serve`, or AlpacaEval 1's ranking). One request finds out, so a
+    judge without logprobs is not asked for them on every pair."""
+    options = (how or annotator(BFT)).options
+    if options is None:
+        return TEXT
     try:
-        judge.option_logprobs([probe], VERDICTS)
+        judge.option_logprobs([probe], options)
     except LogprobsUnavailable:
         return TEXT
     return LOGPROBS
 
 
-def read_verdicts(judge: LoadedModel, chats: list[Chat], how: str = LOGPROBS) -> list[float | None]:
-    """P(answer 1 is better) per chat: from the log-probabilities of the two verdict tokens
-    (``how=LOGPROBS``), or from the written verdict (``TEXT``)."""
+def read_verdicts(
+    judge: LoadedModel, chats: list[Chat], how: str = LOGPROBS, annotator_: Annotator | None = None
+) -> list[float | None]:  # fmt: skip
+    """P(answer 1 is better) per chat: from the log-probabilities of the annotator's two
+    tokens (``how=LOGPROBS``), or from the written verdict (``TEXT``)."""
+    reader = annotator_ or annotator(BFT)
     if how == TEXT:
-        replies = judge.generate(chats, Sampling(temperature=0.0, top_p=1.0, max_tokens=4))
-        return [verdict_from_text(r.text) for r in replies]
-    logprobs = judge.option_logprobs(chats, VERDICTS)
-    probs = []
-    for lp in logprobs:
-        one, two = math.exp(lp["1"]), math.exp(lp["2"])
-        probs.append(one / (one + two) if one + two > 0 else None)
-    return probs
+        replies = judge.generate(
+            chats, Sampling(temperature=0.0, top_p=1.0, max_tokens=reader.max_tokens)
+        )
+        return [reader.read_text(r.text) for r in replies]
+    return [reader.from_logprobs(lp) for lp in judge.option_logprobs(chats, reader.options)]
 
 
 def combine_orders(
@@ -113,8 +116,10 @@ def combine_orders(
     return sum(views) / len(views), agree
 
 
-def judgement_key(instruction: str, answer: str, reference: str, judge: str) -> str:
-    text = "\x00".join((instruction, answer, reference, judge, JUDGE.version))
+def judgement_key(
+    instruction: str, answer: str, reference: str, judge: str, annotator_version: str = JUDGE.version
+) -> str:  # fmt: skip
+    text = "\x00".join((instruction, answer, reference, judge, annotator_version))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -197,28 +202,31 @@ def _references(
 
 def _judge_all(
     judge: Judge, pairs: pl.DataFrame, cache: dict[str, tuple], save: Callable[[], None], batch: int,
-    log: Callable[[str], None],
+    log: Callable[[str], None], reader: Annotator | None = None,
 ) -> None:  # fmt: skip
     """Judge every (instruction, answer, reference) not in the cache, in both orders,
     saving the cache after each batch so what was judged survives a failure."""
     todo = pairs.filter(~pl.col("judgement_key").is_in(list(cache)))
     if todo.height == 0:
         return
+    reader = reader or annotator(BFT)
     with judge.load() as model:
         clean = safe(model)
         first = todo.row(0, named=True)
         how = verdict_reading(
-            model, judge_chats(first["instruction"], first["answer"], first["reference"], clean)
+            model,
+            judge_chats(first["instruction"], first["answer"], first["reference"], clean, reader),
+            reader,
         )
-        log(f"judge {judge.reference}: verdicts read from {how}")
+        log(f"judge {judge.reference}, annotator {reader.name}: verdicts read from {how}")
         for start in range(0, todo.height, batch):
             part = todo.slice(start, batch)
             rows = list(part.select("instruction", "answer", "reference").iter_rows())
             model_first = read_verdicts(
-                model, [judge_chats(i, a, r, clean) for i, a, r in rows], how
+                model, [judge_chats(i, a, r, clean, reader) for i, a, r in rows], how, reader
             )
             model_second = read_verdicts(
-                model, [judge_chats(i, r, a, clean) for i, a, r in rows], how
+                model, [judge_chats(i, r, a, clean, reader) for i, a, r in rows], how, reader
             )
             for key, p1, p2 in zip(part["judgement_key"], model_first, model_second, strict=True):
                 cache[key] = (p1, p2, how if p1 is not None and p2 is not None else UNREAD)
@@ -283,26 +291,43 @@ def _step_table(by_step: dict[int, dict], tags: list[str]) -> dg.MetadataValue:
     ])  # fmt: skip
 
 
-def _mauve_scores(
-    embedder: Embedder, storage: Storage, table: str, shards: list[str], responses: list[str], limit: int
-) -> dict:  # fmt: skip
-    if limit <= 0 or len(responses) < 2:
+def mauve_scores(
+    embedder: Embedder, pool: pl.DataFrame, generated: pl.DataFrame, limit: int, seed: int = 0
+) -> dict:
+    """MAUVE as the paper sets it up: the recipe's responses against the aligned model's
+    distilled answers to the same instructions (and against the web responses to them), up
+    to ``limit`` pairs (paper: 10K), beside a control: distilled answers to two disjoint
+    halves of the instructions, i.e. what MAUVE gives two samples of one distribution."""
+    if limit <= 0 or generated.height < 2 or pool.is_empty():
         return {}
-    frames = [storage.read(table, s) for s in shards if storage.exists(table, s)]
-    pool = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
-    if pool.is_empty():
-        return {}
-    ours = responses[:limit]
-    out = {}
-    web = pool["response"].drop_nulls().head(limit).to_list()
-    distilled = (
-        pool["distilled"].drop_nulls().head(limit).to_list() if "distilled" in pool.columns else []
-    )
-    if len(web) >= 2:
-        out["mauve_vs_web"] = embedder.mauve(ours, web)
-    if len(distilled) >= 2:
-        out["mauve_vs_distilled"] = embedder.mauve(ours, distilled)
+    columns = [pl.col("doc_id").alias("id"), pl.col("response").alias("web")]
+    distilled = "distilled" in pool.columns
+    pool = pool.select(*columns, *(["distilled"] if distilled else []))
+    same = generated.select("id", pl.col("response").alias("ours")).join(pool, on="id", how="inner")
+    same = stable_order(same, "id", seed).head(limit)
+    out: dict = {"mauve_features": embedder.mauve_features, "mauve_pairs": same.height}
+    if same.height >= 2:
+        out["mauve_vs_web"] = embedder.mauve(same["ours"].to_list(), same["web"].to_list(), seed)
+    if distilled:
+        answered = same.filter(pl.col("distilled").str.strip_chars().str.len_chars() > 0)
+        if answered.height >= 2:
+            out["mauve_vs_distilled"] = embedder.mauve(
+                answered["ours"].to_list(), answered["distilled"].to_list(), seed
+            )
+            out["mauve_pairs_distilled"] = answered.height
+        control = stable_order(
+            pool.filter(pl.col("distilled").str.strip_chars().str.len_chars() > 0), "id", seed + 1
+        )
+        halves = control["distilled"].to_list()
+        first, second = halves[0::2][:limit], halves[1::2][:limit]
+        if min(len(first), len(second)) >= 2:
+            out["mauve_control_distilled"] = embedder.mauve(first, second, seed)
     return out
+
+
+def _rewritten_pool(storage: Storage, table: str, shards: list[str]) -> pl.DataFrame:
+    frames = [storage.read(table, s) for s in shards if storage.exists(table, s)]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 
 RECIPE_TABLE_COLUMNS = (
@@ -368,6 +393,7 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
     key = inst.key(EVAL_SCORES)
     table = inst.table(EVAL_SCORES)
     config = inst.eval
+    reader = annotator(inst.judge.annotator)
     unknown = sorted(set(config.tags) - set(EVAL_TAGS))
     if unknown:
         raise ValueError(f"eval.tags: unknown {unknown}; known: {sorted(EVAL_TAGS)}")
@@ -380,7 +406,7 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
               dg.AssetDep(inst.key(REWRITTEN_DATASET), partition_mapping=dg.AllPartitionMapping())],
         group_name="evaluation",
         **inst.gpu_args(inst.engine.tensor_parallel_size),
-        code_version=f"judge={JUDGE.version};eval-v1;{digest(config, inst.judge, inst.judge_model)}",
+        code_version=f"judge={reader.version};eval-v1;{digest(config, inst.judge, inst.judge_model)}",
         check_specs=[rule.spec(key) for rule in EVAL_RULES]
         + [
             dg.AssetCheckSpec(CHECK_ALL_JUDGED, asset=key, blocking=True,
@@ -454,7 +480,7 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
         pairs = pl.concat(answered).with_columns(
             judgement_key=pl.struct("instruction", "answer", "reference").map_elements(
                 lambda r: judgement_key(
-                    r["instruction"], r["answer"], r["reference"], judge.reference
+                    r["instruction"], r["answer"], r["reference"], judge.reference, reader.version
                 ),
                 return_dtype=pl.String,
             )
@@ -475,7 +501,7 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
                         "read_by": pl.String}, orient="row",
             ), partition=recipe, suffix="judgements")  # fmt: skip
 
-        _judge_all(judge, pairs, cache, save, config.batch_rows, context.log.info)
+        _judge_all(judge, pairs, cache, save, config.batch_rows, context.log.info, reader)
         verdicts = [cache[k] for k in pairs["judgement_key"]]
         combined = [combine_orders(a, b) for a, b, _ in verdicts]
         results = pairs.with_columns(
@@ -519,13 +545,14 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
             "mean_response_words": float(
                 generated["response"].str.split(" ").list.len().mean() or 0.0
             ),
-            **_mauve_scores(
+            **mauve_scores(
                 embedder,
-                storage,
-                inst.table(REWRITTEN_DATASET),
-                shards,
-                generated["response"].to_list(),
+                _rewritten_pool(storage, inst.table(REWRITTEN_DATASET), shards)
+                if config.mauve_texts
+                else pl.DataFrame(),
+                generated,
                 config.mauve_texts,
+                config.seed,
             ),
         }
         summary = {"recipe": recipe, **scores, **data_scores}
@@ -562,6 +589,8 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
                 "path": dg.MetadataValue.path(uri),
                 "alpaca_eval_outputs": dg.MetadataValue.path(outputs[scores[f"{suffix}_best_step"], suffix]),
                 "judge": judge.reference,
+                "annotator": reader.name,
+                "annotator_template": dg.MetadataValue.path(reader.source),
                 "checkpoint": dg.MetadataValue.path(folders[scores[f"{suffix}_best_step"]]),
                 "checkpoint_steps": _step_table(by_step, config.tags),
             },

@@ -273,7 +273,7 @@ class BftInstance:
                            base_url=self.judge.base_url, api_key=judge_key, batch_size=self.judge.batch_size),
             "eval_set": EvalSetSource(uri=str(demo_eval_path()) if self.eval.uri == DEMO_DATA else self.eval.uri,
                                       limit=self.eval.limit),
-            "embedder": Embedder(),
+            "embedder": Embedder(mauve_featurizer=self.eval.mauve_featurizer),
         }  # fmt: skip
         return {self.resource_key(r): v for r, v in roles.items() if v is not None}
 

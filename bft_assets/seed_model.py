@@ -32,7 +32,7 @@ def seed_training_examples(seed: pl.DataFrame, direction: str) -> list[TrainingE
 
 def seed_hyperparameters(trainer: Trainer, settings: TrainingSettings) -> Hyperparameters:
     """A seed model trains to the last declared step and keeps that checkpoint only: the
-    generation stages read one model, and the paper's step protocol is about the final one."""
+    generation stages read one model (the several-checkpoint protocol is for evaluated models)."""
     return trainer.hyperparameters(**{**settings.model_dump(), "steps": [max(settings.steps)]})
 
 

@@ -143,6 +143,13 @@ class JudgeSpec(dg.Resolvable, dg.Model):
         default=None, description="endpoint: NAME of the variable holding the key.", examples=["OPENAI_API_KEY"]
     )  # fmt: skip
     batch_size: int = Field(default=8, description="local: prompts per forward pass.")
+    annotator: Literal["bft", "weighted_alpaca_eval_gpt4_turbo", "alpaca_eval_gpt4"] = Field(
+        default="bft",
+        description="How the judge is asked and read: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo or AlpacaEval 1's "
+        "alpaca_eval_gpt4 (templates and configs from the installed alpaca-eval; with GPT-4-Turbo / GPT-4 as the judge "
+        "they give numbers comparable with the paper's tables), or bft's one-token prompt for small local judges.",
+        examples=["weighted_alpaca_eval_gpt4_turbo"],
+    )
 
 
 class TrainerSpec(dg.Resolvable, dg.Model):
@@ -300,7 +307,13 @@ class EvalSpec(dg.Resolvable, dg.Model):
     tags: list[str] = Field(default_factory=lambda: ["assistant", "web_if_needed"], description="Suffix variants.")  # fmt: skip
     min_agreement: float = Field(default=0.6, description="WARN under this both-order agreement.")
     diversity_sample: int = Field(default=1000, description="Generated pairs for trigram counts.")
-    mauve_texts: int = Field(default=200, description="Responses per side for MAUVE (0: skip).")
+    mauve_texts: int = Field(
+        default=10000, description="Pairs per side for MAUVE (paper: 10K; 0: skip)."
+    )
+    mauve_featurizer: str = Field(
+        default="",
+        description="GPT-2-family model folder for MAUVE's features (paper: the MAUVE package's default GPT-2, gpt2-large); empty: MiniLM.",
+    )
 
 
 class S3Spec(dg.Resolvable, dg.Model):

@@ -45,7 +45,7 @@ def tag(instruction: str, tag_text: str) -> str:
     return f"{instruction}{TAG_SEPARATOR}{tag_text}"
 
 
-def _stable_order(frame: pl.DataFrame, key: str, seed: int) -> pl.DataFrame:
+def stable_order(frame: pl.DataFrame, key: str, seed: int) -> pl.DataFrame:
     """A deterministic shuffle: sort by a hash of the key and the sampling seed."""
 
     def rank(value: str) -> str:
@@ -84,7 +84,7 @@ def assemble_training_set(
 ) -> pl.DataFrame:
     """Seed pairs plus the recipe's generated pairs (a deterministic sample of
     ``generated_size`` when set), tagged by source."""
-    generated = _stable_order(generated_pairs(rewritten, recipe), "id", recipe.sample_seed)
+    generated = stable_order(generated_pairs(rewritten, recipe), "id", recipe.sample_seed)
     if recipe.generated_size is not None:
         generated = generated.head(recipe.generated_size)
     seed_rows = seed.select("id", "instruction", "response").with_columns(

@@ -25,6 +25,18 @@ class Embedder(dg.ConfigurableResource):
     )
     batch_size: int = Field(default=32, description="Texts per forward pass.")
     max_tokens: int = Field(default=256, description="Tokens of a text that are embedded.")
+    mauve_featurizer: str = Field(
+        default="",
+        description="A GPT-2-family model folder for MAUVE's own featurization (the paper: MAUVE's default GPT-2, gpt2-large; "
+        "mauve-text requires 'gpt2' in the name); empty: the packaged MiniLM embeddings.",
+    )
+
+    @property
+    def mauve_features(self) -> str:
+        """What MAUVE's features are, for metadata."""
+        if self.mauve_featurizer:
+            return f"gpt2 ({self.mauve_featurizer}, last-token hidden state, 1024 tokens; as the paper)"
+        return f"all-MiniLM-L6-v2 mean-pooled, {self.max_tokens} tokens (embedded; not the paper's GPT-2)"
 
     def embed(self, texts: Sequence[str]):
         """Mean-pooled, L2-normalized embeddings (numpy, one row per text)."""
@@ -54,9 +66,18 @@ class Embedder(dg.ConfigurableResource):
             raise ValueError(
                 f"MAUVE needs at least 2 texts per side ({len(p_texts)} vs {len(q_texts)})"
             )
-        clusters = max(2, min(len(p_texts), len(q_texts)) // 5)
-        result = mauve.compute_mauve(
-            p_features=self.embed(p_texts), q_features=self.embed(q_texts), num_buckets=clusters,
-            seed=seed, verbose=False,
-        )  # fmt: skip
+        if self.mauve_featurizer:
+            import torch
+
+            if "gpt2" not in Path(self.mauve_featurizer).name:
+                raise ValueError(f"mauve_featurizer {self.mauve_featurizer!r}: mauve-text featurizes with a model "
+                                 "whose folder name contains 'gpt2' (e.g. /models/gpt2-large)")  # fmt: skip
+            result = mauve.compute_mauve(
+                p_text=list(p_texts), q_text=list(q_texts), featurize_model_name=self.mauve_featurizer,
+                device_id=0 if torch.cuda.is_available() else -1, max_text_length=1024, seed=seed, verbose=False,
+            )  # fmt: skip
+        else:
+            result = mauve.compute_mauve(
+                p_features=self.embed(p_texts), q_features=self.embed(q_texts), seed=seed, verbose=False
+            )  # fmt: skip
         return float(result.mauve)

@@ -54,7 +54,9 @@ def test_demo_materializes_every_asset_and_records_runs(tmp_path, smollm2):
     for recipe in ("seed_only", "filtering", "filtering_rewriting"):
         index = pl.read_parquet(storage / "finetuned_checkpoint" / f"{recipe}.checkpoints.parquet")
         assert index["step"].to_list() == [3]  # the demo declares steps: [3]
-        assert (storage / "finetuned_checkpoint" / index["partition"][0] / "model.safetensors").exists()
+        assert (
+            storage / "finetuned_checkpoint" / index["partition"][0] / "model.safetensors"
+        ).exists()
         assert (storage / "finetuned_checkpoint" / f"{recipe}.train.jsonl").exists()
         summary = pl.read_parquet(storage / "eval_scores" / f"{recipe}.summary.parquet")
         assert 0 <= summary["assistant_win_rate"][0] <= 100 and summary["assistant_judged"][0] == 8

@@ -139,7 +139,7 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
         "recipe": [recipe] * 3,
     }), partition=recipe, suffix="train")  # fmt: skip
     storage.write(inst.table(REWRITTEN_DATASET), pl.DataFrame({
-        "doc_id": ["d1", "d2", "d3"], "response": ["A web page about lists.", "Docs on dicts.", "A page on sets."],
+        "doc_id": ["g1", "g2", "d3"], "response": ["A web page about lists.", "Docs on dicts.", "A page on sets."],
         "distilled": ["Lists are ordered.", "Dicts map keys to values.", "Sets hold unique items."],
     }), partition="s0")  # fmt: skip
     eval_file.write_text(json.dumps([
@@ -167,6 +167,12 @@ def test_eval_scores_with_a_local_smollm2_judge(tmp_path, smollm2):
         and meta["web_if_needed_judged"] == 3
     )
     assert meta["unique_trigrams_responses"] > 0 and 0 <= meta["mauve_vs_web"] <= 1
+    # MAUVE on the 2 generated pairs whose instructions have web and distilled answers, beside the control
+    assert meta["mauve_pairs"] == 2 and 0 <= meta["mauve_vs_distilled"] <= 1
+    assert (
+        "mauve_control_distilled" not in meta
+    )  # 3 distilled answers: halves of 2 and 1 are too few
+    assert meta["annotator"] == "bft"
     assert "| filtering |" in meta["recipes"]
     checks = {e.check_name: e.passed for e in first.get_asset_check_evaluations()}
     assert checks["eval_scores_all_judged"] and checks["eval_scores_preferences_in_range"]

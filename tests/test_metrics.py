@@ -152,3 +152,73 @@ def test_the_cli_prints_alpaca_eval_scores(shared_data, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) >= {"win_rate", "length_controlled_winrate", "standard_error"}
     assert round(printed["win_rate"], 2) == 10.12 and 0 < printed["standard_error"] < 2
+
+
+def _mauve_frames():
+    import polars as pl
+
+    topics = [
+        "sorting",
+        "hashing",
+        "lists",
+        "sets",
+        "files",
+        "loops",
+        "classes",
+        "tuples",
+        "strings",
+        "numbers",
+    ]
+    pool = pl.DataFrame({
+        "doc_id": [f"d{i}" for i in range(20)],
+        "response": [f"A web page about {topics[i % 10]}, with menus and links {i}." for i in range(20)],
+        "distilled": [f"{topics[i % 10].capitalize()} are explained here clearly, step {i}." for i in range(20)],
+    })  # fmt: skip
+    generated = pl.DataFrame({
+        "id": [f"d{i}" for i in range(10)] + ["not-in-pool"],
+        "response": [f"Rewritten: {topics[i]} in a helpful answer." for i in range(10)] + ["orphan"],
+    })  # fmt: skip
+    return pool, generated
+
+
+def test_mauve_compares_answers_to_the_same_instructions_beside_a_distilled_control():
+    from bft_assets.evaluation import mauve_scores
+    from bft_resources.embeddings import Embedder
+
+    pool, generated = _mauve_frames()
+    scores = mauve_scores(Embedder(), pool, generated, limit=8)
+    assert (
+        scores["mauve_pairs"] == 8 and scores["mauve_pairs_distilled"] == 8
+    )  # joined on id, then the limit
+    for key in ("mauve_vs_web", "mauve_vs_distilled", "mauve_control_distilled"):
+        assert 0.0 <= scores[key] <= 1.0, key
+    assert (
+        scores["mauve_features"].startswith("all-MiniLM-L6-v2")
+        and "not the paper's" in scores["mauve_features"]
+    )
+    assert mauve_scores(Embedder(), pool.drop("distilled"), generated, limit=8).keys() == {
+        "mauve_features", "mauve_pairs", "mauve_vs_web"}  # fmt: skip
+
+
+def test_mauve_with_a_gpt2_featurizer_as_the_paper(tmp_path, tiny_tokenizer_model):
+    """MAUVE's own featurization (last-token hidden state of a GPT-2-family model), with a
+    tiny random GPT-2 standing in for gpt2-large."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2Model
+
+    from bft_assets.evaluation import mauve_scores
+    from bft_resources.embeddings import Embedder
+
+    folder = tmp_path / "tiny-gpt2"
+    shutil.copytree(tiny_tokenizer_model, folder)
+    GPT2Model(
+        GPT2Config(vocab_size=512, n_positions=1024, n_embd=32, n_layer=2, n_head=2)
+    ).save_pretrained(folder)
+    pool, generated = _mauve_frames()
+    scores = mauve_scores(Embedder(mauve_featurizer=str(folder)), pool, generated, limit=8)
+    assert 0.0 <= scores["mauve_vs_distilled"] <= 1.0 and scores["mauve_features"].startswith(
+        "gpt2 ("
+    )
+    with pytest.raises(ValueError, match="contains 'gpt2'"):
+        Embedder(mauve_featurizer=str(tiny_tokenizer_model)).mauve(["a b", "c d"], ["e f", "g h"])

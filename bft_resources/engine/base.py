@@ -38,11 +38,18 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Chat:
-    """One request: a user message, and optionally the start of the assistant's reply
-    (forcing a format, e.g. a reply that opens with a marker)."""
+    """One request: a user message, optionally a system message before it (an annotator's
+    instructions) and the start of the assistant's reply (forcing a format, e.g. a reply
+    that opens with a marker)."""
 
     user: str
     assistant_prefix: str = ""
+    system: str = ""
+
+    def messages(self) -> list[dict[str, str]]:
+        """The chat as role/content messages (without the assistant prefix)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": self.user}]
 
 
 @dataclass(frozen=True)

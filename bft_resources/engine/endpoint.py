@@ -118,7 +118,7 @@ class EndpointModel(LoadedModel):
         return ",".join(served) if served else self.model
 
     def _messages(self, chat: Chat) -> list[dict[str, str]]:
-        messages = [{"role": "user", "content": chat.user}]
+        messages = chat.messages()
         if chat.assistant_prefix:
             messages.append({"role": "assistant", "content": chat.assistant_prefix})
         return messages

@@ -16,10 +16,11 @@ def render(tokenizer, chat: Chat, fallback: FallbackFormat | None) -> str:
     """The prompt text: the model's chat template, or the caller's fallback format."""
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": chat.user}], tokenize=False, add_generation_prompt=True
+            chat.messages(), tokenize=False, add_generation_prompt=True
         )
     elif fallback is not None:
-        text = fallback(chat.user)
+        # A fallback format has no system slot: the system message opens the user's.
+        text = fallback(f"{chat.system}\n\n{chat.user}" if chat.system else chat.user)
     else:
         raise ValueError("the model has no chat template and no fallback format was given")
     return text + chat.assistant_prefix
