@@ -315,6 +315,7 @@ def prepare(
     log_every: int = 1,
     trust_remote_code: bool = False,
     trace_dir: str | None = None,
+    scratch_dir: str | None = None,
 ) -> Prepared:
     """Load the model and tokenizer, encode the examples and build TRL's SFTTrainer (which
     builds the labels, truncates and drops examples left without a response token)."""
@@ -361,7 +362,8 @@ def prepare(
 
         peft_config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-    scratch = tempfile.mkdtemp(prefix="bft-sft-")
+    # One folder for every process (the Trainer's output_dir), where the main process saves.
+    scratch = scratch_dir or tempfile.mkdtemp(prefix="bft-sft-")
     args = SFTConfig(
         output_dir=scratch,
         max_steps=hp.max_steps,
@@ -387,7 +389,8 @@ def prepare(
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
     )
-    probe = dataset.select(range(min(PROBE_EXAMPLES, len(dataset))))
+    kept = [i for i, (_, mask) in enumerate(encoded) if 1 in mask[:max_len]]
+    probe = dataset.select(kept[:PROBE_EXAMPLES])
     trainer_class = _sft_trainer_class(Path(trace_dir) if trace_dir else None, state.process_index)
     trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, eval_dataset=probe,
@@ -430,8 +433,10 @@ def train(
     missing = sorted(set(hp.steps) - set(targets))
     if missing:
         raise ValueError(f"no checkpoint folder for steps {missing}")
+    final = Path(output_dir)
     prepared = prepare(model_dir, examples, hp, fallback=fallback, log=log, log_every=log_every,
-                       trust_remote_code=trust_remote_code, trace_dir=trace_dir)  # fmt: skip
+                       trust_remote_code=trust_remote_code, trace_dir=trace_dir,
+                       scratch_dir=str(final.with_name(f".{final.name}.trainer")))  # fmt: skip
     trainer = prepared.trainer
     (protocol,) = [c for c in trainer.callback_handler.callbacks if hasattr(c, "probe")]
     try:

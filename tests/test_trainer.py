@@ -87,3 +87,22 @@ def test_no_examples_is_a_clear_error(tiny_tokenizer_model, tmp_path):
             Hyperparameters(),
             base_reference="tiny",
         )
+
+
+def test_an_example_cut_before_its_response_is_dropped_and_counted(tiny_tokenizer_model, tmp_path):
+    import math
+
+    long = TrainingExample(
+        "word " * 300, "The answer.", "seed"
+    )  # first: it would be in the probe set
+    hp = Hyperparameters(steps=(1,), batch_size=2, micro_batch_size=2, max_seq_len=64, dropout=0.0)
+    logs: list[str] = []
+    result = train(str(tiny_tokenizer_model), [long, *EXAMPLES[:3]], str(tmp_path / "c"), hp,
+                   base_reference="tiny", log=logs.append)  # fmt: skip
+    assert result.dropped_examples == 1 and result.truncated_examples >= 1
+    assert any(
+        "1 of 4 examples have no response token within max_seq_len=64" in line for line in logs
+    )
+    assert math.isfinite(result.first_loss) and math.isfinite(result.final_loss)
+    assert json.loads((tmp_path / "c" / MANIFEST).read_text())["dropped_examples"] == 1
+    assert not (tmp_path / ".c.trainer").exists()  # the Trainer's own folder is cleared
