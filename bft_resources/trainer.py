@@ -352,16 +352,6 @@ def prepare(
     )
     index = {tuple(ids[:max_len]): i for i, (ids, _) in reversed(list(enumerate(encoded)))}
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, config=config, dtype=torch.bfloat16 if bf16 else torch.float32,
-        trust_remote_code=trust_remote_code,
-    )  # fmt: skip
-    peft_config = None
-    if hp.method == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
     # One folder for every process (the Trainer's output_dir), where the main process saves.
     scratch = scratch_dir or tempfile.mkdtemp(prefix="bft-sft-")
     args = SFTConfig(
@@ -389,6 +379,18 @@ def prepare(
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
     )
+    # Loaded after the config: under DeepSpeed ZeRO-3 creating it registers zero.Init, so each
+    # process loads only its shard (FSDP's rank-0 loading is read from accelerate's env).
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, config=config, dtype=torch.bfloat16 if bf16 else torch.float32,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    peft_config = None
+    if hp.method == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
     kept = [i for i, (_, mask) in enumerate(encoded) if 1 in mask[:max_len]]
     probe = dataset.select(kept[:PROBE_EXAMPLES])
     trainer_class = _sft_trainer_class(Path(trace_dir) if trace_dir else None, state.process_index)
@@ -398,9 +400,8 @@ def prepare(
         callbacks=[_probe_and_progress(log, log_every, hp, state.is_main_process)],
     )  # fmt: skip
     trainer.bft_index = index
-    trainer.remove_callback(
-        PrinterCallback
-    )  # progress goes to the run log, once, from the main process
+    # Progress goes to the run log, once, from the main process (not printed by every one).
+    trainer.remove_callback(PrinterCallback)
     trainer.bft_fused_lm_head = hp.fused_lm_head if hp.fused_lm_head is not None else cuda
     if trace_dir:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
