@@ -47,9 +47,7 @@ def trainer_run(model_dir: str, examples, hp) -> tuple[float, int]:
     prepared = prepare(model_dir, examples, hp, log=lambda line: None)
     trainer = prepared.trainer
     # The benchmark times steps, not the step protocol's saving at the end.
-    trainer.callback_handler.callbacks = [
-        c for c in trainer.callback_handler.callbacks if not hasattr(c, "probe")
-    ]
+    trainer.remove_callback(prepared.protocol)
     trainer.add_callback(Clock())
     trainer.train()
     tokens_per_step = hp.batch_size * hp.max_seq_len

@@ -18,10 +18,6 @@ from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, op
 from bft_resources.trainer import MESSAGE_SLOT, Hyperparameters, TrainingExample, train
 
 
-def hyperparameters(values: dict) -> Hyperparameters:
-    return Hyperparameters(**{**values, "steps": tuple(values["steps"])})
-
-
 @contextmanager
 def _extras_only():
     params = PipesEnvVarParamsLoader().load_context_params()
@@ -48,7 +44,7 @@ def run(spec: dict, log, report) -> None:
     template = spec.get("fallback_template")
     fallback = (lambda message: template.replace(MESSAGE_SLOT, message)) if template else None
     result = train(
-        spec["model_dir"], examples, spec["output_dir"], hyperparameters(spec["hyperparameters"]),
+        spec["model_dir"], examples, spec["output_dir"], Hyperparameters(**spec["hyperparameters"]),
         base_reference=spec["base_reference"], fallback=fallback, log=log,
         log_every=spec["log_every"], trust_remote_code=spec["trust_remote_code"],
         extra_manifest=spec.get("extra_manifest"), checkpoint_dirs=spec.get("checkpoint_dirs"),

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -38,7 +38,6 @@ from bft_resources.engine.base import Chat
 from bft_resources.engine.prompts import render
 from bft_resources.memory import Plan, estimate, model_shape, require_fit
 
-IGNORE_INDEX = -100
 MESSAGE_SLOT = "\x00message\x00"
 MANIFEST = CHECKPOINT_MANIFEST
 PROBE_EXAMPLES = 8
@@ -204,7 +203,7 @@ class Prepared:
     """An SFTTrainer ready to train, and what bft recorded while preparing it."""
 
     trainer: Any
-    examples: int
+    protocol: Any  # the step protocol's callback: losses, learning rates, probe losses
     truncated: int
     dropped: int
     max_seq_len: int
@@ -214,7 +213,6 @@ class Prepared:
     processes: int
     accumulation: int
     scratch: str
-    index: dict[tuple[int, ...], int]  # token ids of an example -> its position in ``examples``
 
 
 def _probe_and_progress(
@@ -256,14 +254,14 @@ def _probe_and_progress(
     return StepProtocol()
 
 
-def _sft_trainer_class(trace: Path | None, rank: int):
+def _sft_trainer_class(trace: Path | None, rank: int, index: dict[tuple[int, ...], int]):
+    """``index``: an example's token ids -> its position, to name what a process trains on."""
     from transformers import Trainer
     from trl import SFTTrainer
 
     class BftSFTTrainer(SFTTrainer):
         """SFTTrainer that can write which examples each process trains on at each step."""
 
-        bft_index: ClassVar[dict[tuple[int, ...], int]] = {}
         bft_fused_lm_head: bool = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -275,10 +273,7 @@ def _sft_trainer_class(trace: Path | None, rank: int):
         def training_step(self, model, inputs, num_items_in_batch=None):
             if trace is not None:
                 ids, mask = inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
-                seen = [
-                    self.bft_index.get(tuple(i[: sum(m)]), -1)
-                    for i, m in zip(ids, mask, strict=True)
-                ]
+                seen = [index.get(tuple(i[: sum(m)]), -1) for i, m in zip(ids, mask, strict=True)]
                 with open(trace / f"rank{rank}.jsonl", "a") as handle:
                     handle.write(
                         json.dumps({"step": self.state.global_step + 1, "examples": seen}) + "\n"
@@ -350,7 +345,6 @@ def prepare(
     dataset = Dataset.from_dict(
         {"input_ids": [ids for ids, _ in encoded], "completion_mask": [m for _, m in encoded]}
     )
-    index = {tuple(ids[:max_len]): i for i, (ids, _) in reversed(list(enumerate(encoded)))}
 
     # One folder for every process (the Trainer's output_dir), where the main process saves.
     scratch = scratch_dir or tempfile.mkdtemp(prefix="bft-sft-")
@@ -393,20 +387,28 @@ def prepare(
                                  target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
     kept = [i for i, (_, mask) in enumerate(encoded) if 1 in mask[:max_len]]
     probe = dataset.select(kept[:PROBE_EXAMPLES])
-    trainer_class = _sft_trainer_class(Path(trace_dir) if trace_dir else None, state.process_index)
+    # Only a trace needs the example index (a tuple of token ids per example).
+    index = (
+        {tuple(ids[:max_len]): i for i, (ids, _) in reversed(list(enumerate(encoded)))}
+        if trace_dir
+        else {}
+    )
+    trainer_class = _sft_trainer_class(
+        Path(trace_dir) if trace_dir else None, state.process_index, index
+    )
+    protocol = _probe_and_progress(log, log_every, hp, state.is_main_process)
     trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, eval_dataset=probe,
         processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[_probe_and_progress(log, log_every, hp, state.is_main_process)],
+        callbacks=[protocol],
     )  # fmt: skip
-    trainer.bft_index = index
     # Progress goes to the run log, once, from the main process (not printed by every one).
     trainer.remove_callback(PrinterCallback)
     trainer.bft_fused_lm_head = hp.fused_lm_head if hp.fused_lm_head is not None else cuda
     if trace_dir:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
-    return Prepared(trainer, len(examples), truncated, dropped, max_len, dropout_set, bf16,
-                    checkpointing, state.num_processes, accumulation, scratch, index)  # fmt: skip
+    return Prepared(trainer, protocol, truncated, dropped, max_len, dropout_set, bf16,
+                    checkpointing, state.num_processes, accumulation, scratch)  # fmt: skip
 
 
 def train(
@@ -438,8 +440,7 @@ def train(
     prepared = prepare(model_dir, examples, hp, fallback=fallback, log=log, log_every=log_every,
                        trust_remote_code=trust_remote_code, trace_dir=trace_dir,
                        scratch_dir=str(final.with_name(f".{final.name}.trainer")))  # fmt: skip
-    trainer = prepared.trainer
-    (protocol,) = [c for c in trainer.callback_handler.callbacks if hasattr(c, "probe")]
+    trainer, protocol = prepared.trainer, prepared.protocol
     try:
         first_loss = float(trainer.evaluate()["eval_loss"])
         started = time.perf_counter()
@@ -590,8 +591,6 @@ class Trainer(dg.ConfigurableResource):
     trust_remote_code: bool = Field(default=False, description="Run code shipped with the model.")
 
     def hyperparameters(self, **values: Any) -> Hyperparameters:
-        if "steps" in values:
-            values["steps"] = tuple(values["steps"])
         return Hyperparameters(method=self.method, merge_lora=self.merge_lora, micro_batch_size=self.micro_batch_size,
                                max_seq_len=self.max_seq_len, bf16=self.bf16,
                                gradient_checkpointing=self.gradient_checkpointing, **values)  # fmt: skip
