@@ -44,14 +44,11 @@ class Annotator:
 
     name: str
     version: str  # changes with the template and the reading: part of every judgement's key
-    render: Callable[[str, str, str], Chat]
+    chat: Callable[[str, str, str], Chat]  # (instruction, first answer, second answer)
     read_text: Callable[[str], float | None]  # P(first better) from the reply, None if unreadable
     options: tuple[str, str] | None  # (first better, second better); None: text only
     max_tokens: int  # of a written verdict
     source: str  # where the template came from
-
-    def chat(self, instruction: str, first: str, second: str) -> Chat:
-        return self.render(instruction, first, second)
 
     def from_logprobs(self, logprobs: dict[str, float]) -> float | None:
         """P(first better) = p(first token) / (p(first) + p(second)), as AlpacaEval's

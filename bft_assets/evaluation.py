@@ -19,7 +19,7 @@ from collections.abc import Callable
 import dagster as dg
 import polars as pl
 
-from bft_assets.annotators import BFT, Annotator, annotator, first_digit_verdict
+from bft_assets.annotators import BFT, Annotator, annotator
 from bft_assets.checks import rate_floor_check
 from bft_assets.generation import safe
 from bft_assets.instance import (
@@ -34,7 +34,14 @@ from bft_assets.metrics import unique_trigrams, win_rate
 from bft_assets.prompts import EVAL_TAGS, JUDGE, llama2_inst
 from bft_assets.reporting import markdown_table, table_metadata
 from bft_assets.specs import EvalSpec
-from bft_assets.training import manifest_sha256, read_checkpoint_index, stable_order, tag
+from bft_assets.training import (
+    has_text,
+    manifest_sha256,
+    read_checkpoint_index,
+    read_rewritten,
+    stable_order,
+    tag,
+)
 from bft_resources.embeddings import Embedder
 from bft_resources.engine import Chat, InferenceEngine, LoadedModel, LogprobsUnavailable, Sampling
 from bft_resources.judge import Judge
@@ -60,23 +67,18 @@ EVAL_RULES = (
 
 
 def judge_chats(
-    instruction: str, first: str, second: str, clean: Callable[[str], str], how: Annotator | None = None
+    instruction: str, first: str, second: str, clean: Callable[[str], str], reader: Annotator | None = None
 ) -> Chat:  # fmt: skip
     """The annotator's chat for a pair (bft's own prompt unless another is given)."""
-    return (how or annotator(BFT)).chat(clean(instruction), clean(first), clean(second))
+    return (reader or annotator(BFT)).chat(clean(instruction), clean(first), clean(second))
 
 
-def verdict_from_text(reply: str) -> float | None:
-    """P(answer 1 is better) from bft's written verdict: the first 1 or 2 in the reply."""
-    return first_digit_verdict(reply)
-
-
-def verdict_reading(judge: LoadedModel, probe: Chat, how: Annotator | None = None) -> str:
+def verdict_reading(judge: LoadedModel, probe: Chat, reader: Annotator | None = None) -> str:
     """How this judge's verdicts can be read: LOGPROBS where the annotator reads two tokens'
     log-probabilities and the judge returns them (a local model, vLLM's server, OpenAI), else
     TEXT (e.g. `transformers serve`, or AlpacaEval 1's ranking). One request finds out, so a
     judge without logprobs is not asked for them on every pair."""
-    options = (how or annotator(BFT)).options
+    options = (reader or annotator(BFT)).options
     if options is None:
         return TEXT
     try:
@@ -87,11 +89,11 @@ def verdict_reading(judge: LoadedModel, probe: Chat, how: Annotator | None = Non
 
 
 def read_verdicts(
-    judge: LoadedModel, chats: list[Chat], how: str = LOGPROBS, annotator_: Annotator | None = None
+    judge: LoadedModel, chats: list[Chat], how: str = LOGPROBS, reader: Annotator | None = None
 ) -> list[float | None]:  # fmt: skip
     """P(answer 1 is better) per chat: from the log-probabilities of the annotator's two
     tokens (``how=LOGPROBS``), or from the written verdict (``TEXT``)."""
-    reader = annotator_ or annotator(BFT)
+    reader = reader or annotator(BFT)
     if how == TEXT:
         replies = judge.generate(
             chats, Sampling(temperature=0.0, top_p=1.0, max_tokens=reader.max_tokens)
@@ -309,25 +311,18 @@ def mauve_scores(
     if same.height >= 2:
         out["mauve_vs_web"] = embedder.mauve(same["ours"].to_list(), same["web"].to_list(), seed)
     if distilled:
-        answered = same.filter(pl.col("distilled").str.strip_chars().str.len_chars() > 0)
+        answered = same.filter(has_text("distilled"))
         if answered.height >= 2:
             out["mauve_vs_distilled"] = embedder.mauve(
                 answered["ours"].to_list(), answered["distilled"].to_list(), seed
             )
             out["mauve_pairs_distilled"] = answered.height
-        control = stable_order(
-            pool.filter(pl.col("distilled").str.strip_chars().str.len_chars() > 0), "id", seed + 1
-        )
+        control = stable_order(pool.filter(has_text("distilled")), "id", seed + 1)
         halves = control["distilled"].to_list()
         first, second = halves[0::2][:limit], halves[1::2][:limit]
         if min(len(first), len(second)) >= 2:
             out["mauve_control_distilled"] = embedder.mauve(first, second, seed)
     return out
-
-
-def _rewritten_pool(storage: Storage, table: str, shards: list[str]) -> pl.DataFrame:
-    frames = [storage.read(table, s) for s in shards if storage.exists(table, s)]
-    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 
 RECIPE_TABLE_COLUMNS = (
@@ -547,9 +542,7 @@ def build_eval_scores(inst: BftInstance) -> dg.AssetsDefinition:
             ),
             **mauve_scores(
                 embedder,
-                _rewritten_pool(storage, inst.table(REWRITTEN_DATASET), shards)
-                if config.mauve_texts
-                else pl.DataFrame(),
+                read_rewritten(inst, storage, shards)[0] if config.mauve_texts else pl.DataFrame(),
                 generated,
                 config.mauve_texts,
                 config.seed,

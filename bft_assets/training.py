@@ -58,6 +58,11 @@ def stable_order(frame: pl.DataFrame, key: str, seed: int) -> pl.DataFrame:
     )
 
 
+def has_text(column: str) -> pl.Expr:
+    """Rows whose text in ``column`` is more than whitespace."""
+    return pl.col(column).str.strip_chars().str.len_chars() > 0
+
+
 _ANSWERS = {"web": "response", "rewrite": "rewrite", "distilled": "distilled"}
 
 
@@ -72,7 +77,7 @@ def generated_pairs(rewritten: pl.DataFrame, recipe: RecipeSpec) -> pl.DataFrame
     elif recipe.responses == "rewrite":
         chosen = chosen.filter(pl.col("rewrite_status") == OK)
     elif recipe.responses == "distilled":
-        chosen = chosen.filter(pl.col("distilled").str.strip_chars().str.len_chars() > 0)
+        chosen = chosen.filter(has_text("distilled"))
     answer = _ANSWERS.get(recipe.responses, "response")
     return chosen.select(
         pl.col("doc_id").alias("id"), "instruction", pl.col(answer).alias("response")
@@ -117,15 +122,31 @@ def chat_jsonl(training_set: pl.DataFrame) -> str:
 def rewritten_shards(
     inst: BftInstance, context: dg.AssetExecutionContext, storage: Storage
 ) -> tuple[pl.DataFrame, list[str], list[str]]:
-    """All materialized shards of rewritten_dataset, with the shard names read and missing."""
+    """All materialized shards of rewritten_dataset, with the shard names read and missing;
+    FileNotFoundError when none is."""
     shards = context.instance.get_dynamic_partitions(inst.shards.name)
+    frame, present, missing = read_rewritten(inst, storage, shards)
+    if not present:
+        raise FileNotFoundError(
+            f"no shard of {inst.table(REWRITTEN_DATASET)} is materialized (shards: {shards})"
+        )
+    return frame, present, missing
+
+
+def read_rewritten(
+    inst: BftInstance, storage: Storage, shards: list[str]
+) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """The materialized ones of ``shards`` of rewritten_dataset as one frame (empty when
+    none is), with the shard names read and missing."""
     table = inst.table(REWRITTEN_DATASET)
     present = [s for s in shards if storage.exists(table, s)]
     missing = sorted(set(shards) - set(present))
-    if not present:
-        raise FileNotFoundError(f"no shard of {table} is materialized (shards: {shards})")
     frames = [storage.read(table, s) for s in present]
-    return pl.concat(frames, how="diagonal_relaxed"), present, missing
+    return (
+        (pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()),
+        present,
+        missing,
+    )
 
 
 # ---- the step protocol: one checkpoint per declared step, never overwritten -----------------
@@ -152,17 +173,18 @@ def read_checkpoint_index(storage: Storage, table: str, recipe: str) -> pl.DataF
 
 def publish_checkpoints(
     storage: Storage, table: str, recipe: str, parts: dict[int, str], result: TrainingResult, run_id: str
-) -> list[dict]:  # fmt: skip
-    """Publish each step's checkpoint and record the run's index (what eval_scores reads)."""
-    index = []
+) -> tuple[list[dict], dict[int, Path]]:  # fmt: skip
+    """Publish each step's checkpoint and record the run's index (what eval_scores reads);
+    returns the index and each step's verified local folder."""
+    index, local = [], {}
     for step, part in sorted(parts.items()):
         uri = storage.publish_checkpoint(table, part)
-        local = storage.fetch_checkpoint(table, part)
+        local[step] = storage.fetch_checkpoint(table, part)
         index.append({"step": step, "partition": part, "uri": uri, "run_id": run_id,
-                      "manifest_sha256": manifest_sha256(local),
+                      "manifest_sha256": manifest_sha256(local[step]),
                       "probe_loss": result.probe_losses.get(step, float("nan"))})  # fmt: skip
     storage.write(table, pl.DataFrame(index), partition=recipe, suffix=CHECKPOINTS_SUFFIX)
-    return index
+    return index, local
 
 
 TRAINING_SET_COLUMNS = {
@@ -227,11 +249,10 @@ def build_finetuned_checkpoint(inst: BftInstance) -> dg.AssetsDefinition:
                             "run_id": context.run_id},
             checkpoint_dirs=folders,
         )  # fmt: skip
-        index = publish_checkpoints(storage, table, recipe.name, parts, result, context.run_id)
-        uri, checkpoint = (
-            index[-1]["uri"],
-            str(storage.fetch_checkpoint(table, parts[hp.max_steps])),
+        index, local = publish_checkpoints(
+            storage, table, recipe.name, parts, result, context.run_id
         )
+        uri, checkpoint = index[-1]["uri"], str(local[hp.max_steps])
         sources = dict(training_set["source"].value_counts().rows())
         generated = sources.get("generated", 0)
         wanted = recipe.generated_size

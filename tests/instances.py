@@ -136,8 +136,5 @@ def place_checkpoint(storage, table: str, recipe: str, source, manifest: dict, s
         shutil.copytree(source, folder)
         write_manifest(folder, {**manifest, "step": step})
     result = TrainingResult(str(folder), max(steps), [], [], 0.0, 0, 0)
-    return (
-        [storage.checkpoint_dir(table, p) for p in parts.values()]
-        if publish_checkpoints(storage, table, recipe, parts, result, "placed00")
-        else []
-    )
+    _, local = publish_checkpoints(storage, table, recipe, parts, result, "placed00")
+    return [local[step] for step in sorted(local)]

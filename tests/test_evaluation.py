@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 from instances import declare, materialize, node, place_checkpoint
 
+from bft_assets.annotators import first_digit_verdict
 from bft_assets.evaluation import (
     LOGPROBS,
     TEXT,
@@ -17,7 +18,6 @@ from bft_assets.evaluation import (
     diversity,
     judgement_key,
     read_verdicts,
-    verdict_from_text,
     verdict_reading,
 )
 from bft_assets.instance import EVAL_SCORES, FINETUNED_CHECKPOINT, REWRITTEN_DATASET
@@ -31,8 +31,8 @@ from servers import FaultInjectingProxy, transformers_serve
 
 
 def test_verdicts_from_text_and_both_orders():
-    assert verdict_from_text("1") == 1.0 and verdict_from_text("Answer 2 is better") == 0.0
-    assert verdict_from_text("Neither.") is None
+    assert first_digit_verdict("1") == 1.0 and first_digit_verdict("Answer 2 is better") == 0.0
+    assert first_digit_verdict("Neither.") is None
     assert combine_orders(0.8, 0.3) == (
         pytest.approx(0.75),
         True,
