@@ -694,11 +694,13 @@ def result_from_message(message: dict[str, Any]) -> TrainingResult:
 
 
 def _declared_context(model_dir: str, trust_remote_code: bool) -> int:
+    """The context from the config alone where it says (a config without a tokenizer is
+    enough to plan memory), else with the tokenizer's limit."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     try:
         return context_length(config, None)
-    except (ValueError, AttributeError):
+    except ValueError:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         return context_length(config, tokenizer)
