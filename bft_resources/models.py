@@ -15,11 +15,10 @@ import shutil
 import uuid
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from bft_resources.files import file_lock
 from bft_resources.s3 import S3Location, cached_folder, client, is_s3
@@ -37,7 +36,7 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("BFT_MODEL_CACHE", "~/.cache/bft/models")).expanduser()
 
 
-def resolve_model(ref: str, revision: str | None = None, s3: S3Resource | None = None) -> Path:
+def resolve_model(ref: str, revision: str | None = None, s3: Any = None) -> Path:
     """A local folder holding a Hugging Face model for ``ref``; an ``s3://`` folder is
     downloaded once into the model cache, keyed by its objects' ETags."""
     if ref == SMOLLM2:
@@ -118,27 +117,36 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBa
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-class ModelResource(dg.ConfigurableResource):
-    """A model the pipeline uses (base, rewriter, judge), by reference."""
+class ModelRef(dg.Model):
+    """A model: what to load, at which revision, and how. The YAML's ``models.*`` resolve
+    into it (a bare reference or a mapping); engines and the trainer load it."""
 
     model: str = Field(
-        default=SMOLLM2,
-        description=f"Built-in short name ({SMOLLM2!r}), an s3:// folder, a local folder, or a hub id.",
+        description=f"A hub id, a local folder, an s3:// folder, or the built-in {SMOLLM2!r}.",
+        examples=["meta-llama/Llama-2-7b-hf", "s3://bucket/models/llama-2-7b", SMOLLM2],
     )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
-    context_window: int | None = Field(
+    revision: str | None = Field(
         default=None,
-        description="Tokens the model attends to; default: the config's max_position_embeddings.",
+        description="Hub revision (branch, tag or commit) loaded everywhere the model is.",
+        examples=["main", "01c7f73d771dfac7d292323805ebc428287df4f9"],
+    )
+    context_window: int | None = Field(
+        default=None, gt=0, description="Tokens it attends to (default: the config's)."
     )
     trust_remote_code: bool = Field(
         default=False, description="Run code shipped with the model. Off unless you trust it."
     )
-    s3: S3Resource | None = Field(
-        default=None, description="Client settings for s3:// references (default: boto3's chain)."
-    )
+    # S3 client settings for an s3:// reference: the instance's, given once (with_s3).
+    _s3: Any = PrivateAttr(default=None)
+
+    def with_s3(self, s3: Any) -> ModelRef:
+        """This reference, reading s3:// folders with ``s3`` (a dagster-aws S3Resource)."""
+        bound = self.model_copy()
+        bound._s3 = s3
+        return bound
 
     def local_path(self) -> Path:
-        return resolve_model(self.model, self.revision, self.s3)
+        return resolve_model(self.model, self.revision, self._s3)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return _load_tokenizer(str(self.local_path()), self.trust_remote_code)

@@ -15,11 +15,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from dagster_aws.s3 import S3Resource
+from typing import TYPE_CHECKING, Any
 
 from bft_resources.files import file_lock
+
+if TYPE_CHECKING:
+    from dagster_aws.s3 import S3Resource
 
 SCHEME = "s3://"
 _READY = ".bft-complete"  # written last into a downloaded folder
@@ -60,6 +61,8 @@ def client(s3: S3Resource | None) -> Any:
     client per distinct setting in a process: building one (session, credential chain,
     endpoint) takes ~160 ms here, and a step reads and writes many objects. boto3 clients
     are thread-safe and refresh temporary credentials themselves."""
+    from dagster_aws.s3 import S3Resource
+
     settings = tuple(sorted((s3 or S3Resource()).model_dump().items()))
     # Unset fields fall back to the AWS_* variables, so they are part of what a client is for.
     chain = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
@@ -68,6 +71,8 @@ def client(s3: S3Resource | None) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _client_for(settings: tuple[tuple[str, Any], ...], _chain: tuple[tuple[str, str], ...]) -> Any:
+    from dagster_aws.s3 import S3Resource
+
     return S3Resource(**dict(settings)).get_client()
 
 

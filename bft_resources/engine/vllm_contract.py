@@ -20,6 +20,9 @@ _SOURCES = {
     "vllm.LLM.get_tokenizer": ("vllm/entrypoints/llm.py", "LLM", "get_tokenizer"),
     "vllm.SamplingParams": ("vllm/sampling_params.py", "SamplingParams", None),
     "vllm.inputs.TokensPrompt": ("vllm/inputs/llm.py", "TokensPrompt", None),
+    "vllm.v1.engine.core_client.EngineCoreClient.shutdown": (
+        "vllm/v1/engine/core_client.py", "EngineCoreClient", "shutdown",
+    ),
 }
 _ENGINE_ARGS = ("vllm/engine/arg_utils.py", "EngineArgs")
 

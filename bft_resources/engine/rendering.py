@@ -1,4 +1,5 @@
-"""The one way a chat becomes the token ids a model is fed, shared by every local backend.
+"""The one way a chat becomes the token ids a model is fed, shared by every local backend
+(and by the trainer, which renders training prompts the same way).
 
 The chat template (or the caller's fallback format for a model without one) renders the
 text; it is tokenized without special tokens, since the template places its own; and a BOS
@@ -44,3 +45,24 @@ def prompts_token_ids(
     tokenizer, chats: Sequence[Chat], fallback: FallbackFormat | None
 ) -> list[list[int]]:
     return [prompt_token_ids(tokenizer, chat, fallback) for chat in chats]
+
+
+def option_token_ids(tokenizer, options: Sequence[str]) -> dict[str, list[int]]:
+    """Token ids whose text is an option, bare or after a space (single tokens only)."""
+    ids: dict[str, list[int]] = {}
+    for option in options:
+        found = set()
+        for variant in (option, " " + option):
+            encoded = tokenizer.encode(variant, add_special_tokens=False)
+            if len(encoded) == 1:
+                found.add(encoded[0])
+        ids[option] = sorted(found)
+    return ids
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The strings a tokenizer reads as control tokens (``<|im_start|>``, ``</s>``, ...),
+    longest first."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted((t for t in tokens if t), key=len, reverse=True)
