@@ -21,7 +21,7 @@ from bft_assets.evaluation import LOGPROBS, TEXT, read_verdicts, verdict_reading
 from bft_resources.engine import InferenceEngine, Sampling
 from bft_resources.judge import Judge
 from bft_resources.models import ModelResource
-from bft_resources.trainer import Hyperparameters, TrainingExample, train
+from bft_resources.trainer import Trainer, TrainingExample, TrainingSettings, train
 
 from servers import transformers_serve
 
@@ -97,7 +97,7 @@ def identifier_judge(tiny_tokenizer_model, tmp_path_factory):
     examples = [TrainingExample(reader.chat(*p).user, "M", "seed") for p in pairs]
     out = tmp_path_factory.mktemp("judge") / "identifier-judge"
     train(str(tiny_tokenizer_model), examples, str(out),
-          Hyperparameters(learning_rate=3e-3, steps=(30,), batch_size=3, micro_batch_size=3, dropout=0.0),
+          TrainingSettings(learning_rate=3e-3, steps=[30], batch_size=3, dropout=0.0), Trainer(micro_batch_size=3),
           base_reference="tiny")  # fmt: skip
     return out
 

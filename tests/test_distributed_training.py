@@ -9,30 +9,37 @@ import dagster as dg
 import pytest
 
 from bft_assets.prompts import WEB_TAG, llama2_inst
-from bft_assets.training import tag
-from bft_resources.distributed import STRATEGIES, load_config, validated_launch
-from bft_resources.engine import Chat, InferenceEngine, Sampling
-from bft_resources.memory import DoesNotFit
+from bft_resources.engine import Chat, Sampling, TransformersEngine
+from bft_resources.models import ModelRef
 from bft_resources.trainer import (
     MANIFEST,
-    Hyperparameters,
     Trainer,
     TrainingExample,
+    TrainingSettings,
     prepare,
     render_prompt,
     result_from_message,
     train,
 )
+from bft_resources.trainer.distributed import STRATEGIES, load_config, validated_launch
+from bft_resources.trainer.memory import DoesNotFit
 
 from tiny_models import without_chat_template
+
+
+def tag(instruction: str, line: str) -> str:
+    """An instruction with its source's tag line, as the training sets carry it."""
+    return f"{instruction}\n{line}"
+
 
 EXAMPLES = [
     TrainingExample(tag(f"Question number {i}: what comes after {i}?", WEB_TAG), f"{i + 1} comes after {i}.", "seed")
     for i in range(16)
 ]  # fmt: skip
 # 2 processes x micro batch 2 x accumulation 2 = batch 8: two steps per pass over the data.
-HP = Hyperparameters(
-    learning_rate=2e-3, steps=(2, 4), batch_size=8, micro_batch_size=2, dropout=0.0
+# One run saving at steps 2 and 4: the trace and the schedule are those of one run.
+SETTINGS = TrainingSettings(
+    learning_rate=2e-3, steps=[2, 4], batch_size=8, dropout=0.0, protocol="checkpoints"
 )
 
 
@@ -52,13 +59,13 @@ def _traced_steps(trace_dir, rank: int) -> dict[int, list[int]]:
 def test_two_processes_see_disjoint_examples_and_keep_the_single_process_schedule(
     base_model, tmp_path
 ):
-    trainer = Trainer(num_gpus=2, launcher="subprocess", log_every=1)
+    trainer = Trainer(num_gpus=2, launcher="subprocess", log_every=1, micro_batch_size=2)
     out, trace = tmp_path / "two", tmp_path / "trace"
     reported: list[dict] = []
 
     @dg.asset
     def trained(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        result = trainer.fine_tune(str(base_model), EXAMPLES, str(out / "step4"), HP, base_reference="tiny",
+        result = trainer.fine_tune(ModelRef(model=str(base_model)), EXAMPLES, str(out / "step4"), SETTINGS,
                                    fallback=llama2_inst, log=context.log.info, context=context,
                                    checkpoint_dirs={2: str(out / "step2")}, trace_dir=str(trace))  # fmt: skip
         reported.append(json.loads(json.dumps(result.__dict__)))
@@ -81,8 +88,8 @@ def test_two_processes_see_disjoint_examples_and_keep_the_single_process_schedul
     assert sorted(ranks[0][1] + ranks[1][1] + ranks[0][2] + ranks[1][2]) == list(range(16))
 
     # The schedule of a single process training the same number of optimizer steps.
-    one = train(str(base_model), EXAMPLES, str(tmp_path / "one4"), HP, base_reference="tiny", fallback=llama2_inst,
-                checkpoint_dirs={2: str(tmp_path / "one2")})  # fmt: skip
+    one = train(str(base_model), EXAMPLES, str(tmp_path / "one4"), SETTINGS, Trainer(micro_batch_size=2),
+                base_reference="tiny", fallback=llama2_inst, checkpoint_dirs={2: str(tmp_path / "one2")})  # fmt: skip
     assert len(two.learning_rates) == len(one.learning_rates) == 4
     assert two.learning_rates == pytest.approx(one.learning_rates, rel=1e-6)
     assert two.learning_rates[-1] < two.learning_rates[0]  # cosine, decaying once per step
@@ -93,7 +100,9 @@ def test_two_processes_see_disjoint_examples_and_keep_the_single_process_schedul
     assert manifest["hyperparameters"]["accumulation_steps"] == 2
     assert json.loads((out / "step2" / MANIFEST).read_text())["step"] == 2
     assert set(two.checkpoints) == {2, 4} and math.isfinite(two.probe_losses[4])
-    with InferenceEngine(dtype="float32").load(str(out / "step4"), fallback=llama2_inst) as model:
+    with TransformersEngine(dtype="float32").load(
+        str(out / "step4"), fallback=llama2_inst
+    ) as model:
         (reply,) = model.generate(
             [Chat("What comes after 3?")], Sampling(temperature=0.0, max_tokens=8)
         )
@@ -108,7 +117,7 @@ def test_response_only_loss_masks_every_prompt_token_and_the_tag_line(
     example = TrainingExample(
         tag("Explain what a list is.", WEB_TAG), "A list holds items in order.", "generated"
     )
-    prepared = prepare(str(model), [example], Hyperparameters(steps=(1,), batch_size=1, micro_batch_size=1),
+    prepared = prepare(str(model), [example], TrainingSettings(steps=[1], batch_size=1), Trainer(micro_batch_size=1),
                        fallback=llama2_inst)  # fmt: skip
     tokenizer = prepared.trainer.processing_class
     assert bool(tokenizer.chat_template) is template
@@ -125,8 +134,8 @@ def test_response_only_loss_masks_every_prompt_token_and_the_tag_line(
 
 
 def test_dropout_reaches_every_dropout_and_max_seq_len_is_the_context(tiny_tokenizer_model):
-    prepared = prepare(str(tiny_tokenizer_model), EXAMPLES[:2], Hyperparameters(steps=(1,), batch_size=2,
-                       micro_batch_size=2, dropout=0.1))  # fmt: skip
+    prepared = prepare(str(tiny_tokenizer_model), EXAMPLES[:2], TrainingSettings(steps=[1], batch_size=2, dropout=0.1),
+                       Trainer(micro_batch_size=2))  # fmt: skip
     config = prepared.trainer.model.config
     assert prepared.dropout_set and all(
         getattr(config, name) == 0.1 for name in prepared.dropout_set
@@ -178,7 +187,7 @@ def test_the_memory_estimate_refuses_70b_full_fine_tuning_on_one_80gb_gpu(llama_
     logged: list[str] = []
     trainer = Trainer(gpu_memory_gb=80)
     with pytest.raises(DoesNotFit) as refused:
-        trainer.check_memory(str(llama_configs / "70b"), trainer.hyperparameters(), logged.append)
+        trainer.check_memory(ModelRef(model=str(llama_configs / "70b")), logged.append)
     message = str(refused.value)
     assert "full fine-tuning of 69.0B on 1 GPU" in message and "80 GiB" in message
     assert "What would fit" in message
@@ -188,8 +197,26 @@ def test_the_memory_estimate_refuses_70b_full_fine_tuning_on_one_80gb_gpu(llama_
     assert logged and logged[0].startswith("memory estimate: full fine-tuning of 69.0B")
     # The paper's 7B full fine-tune on 8 GPUs with FSDP fits.
     fsdp = Trainer(gpu_memory_gb=80, num_gpus=8, distributed="fsdp")
-    fsdp.check_memory(str(llama_configs / "7b"), fsdp.hyperparameters(), logged.append)
+    fsdp.check_memory(ModelRef(model=str(llama_configs / "7b")), logged.append)
     assert "6.7B on 8 GPUs (fsdp)" in logged[-1]
+
+
+def test_without_cuda_the_estimate_names_the_cpu(llama_configs):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    logged: list[str] = []
+    Trainer().check_memory(
+        ModelRef(model=str(llama_configs / "7b"), context_window=512), logged.append
+    )
+    assert logged == [logged[0]] and logged[0].startswith(
+        "memory estimate: full fine-tuning of 6.7B on the CPU: ~"
+    )
+    assert "GPU" not in logged[0] and logged[0].endswith("(not checked)")
+    two = Trainer(num_gpus=2)
+    two.check_memory(ModelRef(model=str(llama_configs / "7b"), context_window=512), logged.append)
+    assert "on 2 CPU processes (ddp)" in logged[-1] and "per process" in logged[-1]
 
 
 def test_the_cpu_loss_path_equals_trl_fused_lm_head(tiny_tokenizer_model):
@@ -197,9 +224,10 @@ def test_the_cpu_loss_path_equals_trl_fused_lm_head(tiny_tokenizer_model):
     there); both must give the same loss on the same response-only labels."""
     losses = {}
     for fused in (True, False):
-        hp = Hyperparameters(
-            steps=(1,), batch_size=4, micro_batch_size=4, dropout=0.0, fused_lm_head=fused
+        settings = TrainingSettings(steps=[1], batch_size=4, dropout=0.0)
+        trainer = Trainer(micro_batch_size=4, fused_lm_head=fused)
+        prepared = prepare(
+            str(tiny_tokenizer_model), EXAMPLES[:8], settings, trainer, fallback=llama2_inst
         )
-        prepared = prepare(str(tiny_tokenizer_model), EXAMPLES[:8], hp, fallback=llama2_inst)
         losses[fused] = prepared.trainer.evaluate()["eval_loss"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)

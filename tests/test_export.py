@@ -13,7 +13,7 @@ from bft_assets.prompts import SEED_TAG, WEB_TAG
 from bft_assets.training import checkpoint_partition, publish_checkpoints
 from bft_resources.engine import Chat, InferenceEngine, Sampling
 from bft_resources.storage import LocalStorage
-from bft_resources.trainer import Hyperparameters, TrainingExample, train
+from bft_resources.trainer import Trainer, TrainingExample, TrainingSettings, train
 
 TRAINING_SET = pl.DataFrame({
     "id": ["s1", "g1"], "source": ["seed", "generated"], "instruction": ["Say hi.", "Explain gzip."],
@@ -31,7 +31,7 @@ def train_recipe(storage, table, model, examples) -> None:
     """Train one step into the layout finetuned_checkpoint writes, index included."""
     part = checkpoint_partition("filtering", 1, "testrun0")
     result = train(str(model), examples, str(storage.checkpoint_dir(table, part)),
-                   Hyperparameters(steps=(1,), batch_size=2, micro_batch_size=2), base_reference="tiny")  # fmt: skip
+                   TrainingSettings(steps=[1], batch_size=2), Trainer(micro_batch_size=2), base_reference="tiny")  # fmt: skip
     publish_checkpoints(storage, table, "filtering", {1: part}, result, "testrun0")
 
 

@@ -1,16 +1,21 @@
-"""The trainer on a tiny random Llama: masking, full and LoRA fine-tuning, reload."""
+"""The trainer on a tiny random Llama: masking, full and LoRA fine-tuning, reload, the two
+step protocols, padding, and the settings' validation."""
 
 import json
 
 import pytest
 
 from bft_assets.prompts import llama2_inst
-from bft_resources.engine import Chat, InferenceEngine, Sampling
+from bft_resources.engine import Chat, Sampling, TransformersEngine
+from bft_resources.models import ModelRef
 from bft_resources.trainer import (
     MANIFEST,
-    Hyperparameters,
+    PROBE_EXAMPLES,
+    Trainer,
     TrainingExample,
+    TrainingSettings,
     encode_example,
+    prepare,
     train,
 )
 
@@ -47,14 +52,13 @@ def test_fine_tuning_lowers_the_loss_and_the_checkpoint_serves(
     tiny_tokenizer_model, tmp_path, method
 ):
     # No dropout here: a 2-layer, 32-wide random model has too little capacity to learn through it.
-    hp = Hyperparameters(learning_rate=3e-3 if method == "full" else 2e-2, steps=(12,), batch_size=4,
-                         micro_batch_size=2, warmup_ratio=0.0, dropout=0.0, method=method, lora_r=16,
-                         lora_alpha=32)  # fmt: skip
+    settings = TrainingSettings(learning_rate=3e-3 if method == "full" else 2e-2, steps=[12], batch_size=4,
+                                warmup_ratio=0.0, dropout=0.0)  # fmt: skip
+    trainer = Trainer(micro_batch_size=2, method=method, lora_r=16, lora_alpha=32, log_every=1)
     out = tmp_path / "ckpt"
     logs: list[str] = []
-    result = train(
-        str(tiny_tokenizer_model), EXAMPLES, str(out), hp, base_reference="tiny", log=logs.append
-    )
+    result = train(str(tiny_tokenizer_model), EXAMPLES, str(out), settings, trainer, base_reference="tiny",
+                   log=logs.append)  # fmt: skip
     assert result.final_loss < result.first_loss - 0.1, result.losses
     assert len(result.losses) == 12 and sum("tokens/s" in line for line in logs) == 12
     assert logs[-1].startswith("probe loss")
@@ -63,7 +67,7 @@ def test_fine_tuning_lowers_the_loss_and_the_checkpoint_serves(
     assert manifest["hyperparameters"]["batch_size"] == 4 and manifest["losses"] == result.losses
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert (out / "tokenizer_config.json").exists()
-    with InferenceEngine(dtype="float32").load(str(out)) as model:
+    with TransformersEngine(dtype="float32").load(str(out)) as model:
         (reply,) = model.generate(
             [Chat(EXAMPLES[0].prompt)], Sampling(temperature=0.0, max_tokens=8)
         )
@@ -71,9 +75,10 @@ def test_fine_tuning_lowers_the_loss_and_the_checkpoint_serves(
 
 
 def test_lora_adapters_can_be_kept_separate(tiny_tokenizer_model, tmp_path):
-    hp = Hyperparameters(learning_rate=1e-2, steps=(2,), batch_size=2, micro_batch_size=2, method="lora",
-                         merge_lora=False, lora_r=4, lora_alpha=8)  # fmt: skip
-    train(str(tiny_tokenizer_model), EXAMPLES, str(tmp_path / "adapter"), hp, base_reference="tiny")
+    settings = TrainingSettings(learning_rate=1e-2, steps=[2], batch_size=2)
+    trainer = Trainer(micro_batch_size=2, method="lora", merge_lora=False, lora_r=4, lora_alpha=8)
+    train(str(tiny_tokenizer_model), EXAMPLES, str(tmp_path / "adapter"), settings, trainer,
+          base_reference="tiny")  # fmt: skip
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert json.loads((tmp_path / "adapter" / MANIFEST).read_text())["lora_adapter_only"]
 
@@ -84,7 +89,8 @@ def test_no_examples_is_a_clear_error(tiny_tokenizer_model, tmp_path):
             str(tiny_tokenizer_model),
             [],
             str(tmp_path / "x"),
-            Hyperparameters(),
+            TrainingSettings(),
+            Trainer(),
             base_reference="tiny",
         )
 
@@ -95,9 +101,10 @@ def test_an_example_cut_before_its_response_is_dropped_and_counted(tiny_tokenize
     long = TrainingExample(
         "word " * 300, "The answer.", "seed"
     )  # first: it would be in the probe set
-    hp = Hyperparameters(steps=(1,), batch_size=2, micro_batch_size=2, max_seq_len=64, dropout=0.0)
+    settings = TrainingSettings(steps=[1], batch_size=2, dropout=0.0)
+    trainer = Trainer(micro_batch_size=2, max_seq_len=64)
     logs: list[str] = []
-    result = train(str(tiny_tokenizer_model), [long, *EXAMPLES[:3]], str(tmp_path / "c"), hp,
+    result = train(str(tiny_tokenizer_model), [long, *EXAMPLES[:3]], str(tmp_path / "c"), settings, trainer,
                    base_reference="tiny", log=logs.append)  # fmt: skip
     assert result.dropped_examples == 1 and result.truncated_examples >= 1
     assert any(
@@ -106,3 +113,99 @@ def test_an_example_cut_before_its_response_is_dropped_and_counted(tiny_tokenize
     assert math.isfinite(result.first_loss) and math.isfinite(result.final_loss)
     assert json.loads((tmp_path / "c" / MANIFEST).read_text())["dropped_examples"] == 1
     assert not (tmp_path / ".c.trainer").exists()  # the Trainer's own folder is cleared
+
+
+def _manifest(folder) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def _cosine(peak: float, steps: int) -> list[float]:
+    """The learning rate each step of a ``steps``-step cosine schedule trains with."""
+    import math
+
+    return [peak * 0.5 * (1 + math.cos(math.pi * k / steps)) for k in range(steps)]
+
+
+def test_separate_runs_each_decay_to_their_own_end(tiny_tokenizer_model, tmp_path):
+    """The paper's literal reading: a run per declared step, each with its whole cosine
+    schedule; the cheaper reading: one run whose earlier checkpoint is cut mid-schedule."""
+    import math
+
+    settings = TrainingSettings(learning_rate=1e-3, steps=[4, 2], batch_size=2, dropout=0.0)
+    assert settings.protocol == "separate_runs" and settings.steps == [2, 4]
+    logs: list[str] = []
+    result = Trainer(micro_batch_size=2).fine_tune(
+        ModelRef(model=str(tiny_tokenizer_model)), EXAMPLES, str(tmp_path / "s4"), settings,
+        log=logs.append, checkpoint_dirs={2: str(tmp_path / "s2")},
+    )  # fmt: skip
+    assert any("on the CPU" in line for line in logs if line.startswith("memory estimate"))
+    assert result.checkpoints == {2: str(tmp_path / "s2"), 4: str(tmp_path / "s4")}
+    assert set(result.probe_losses) == {2, 4} and all(
+        map(math.isfinite, result.probe_losses.values())
+    )
+    assert len(result.learning_rates) == len(result.losses) == 4  # the longest run's
+    for step in (2, 4):
+        manifest = _manifest(tmp_path / f"s{step}")
+        rates = manifest["learning_rates"]
+        assert (
+            manifest["protocol"] == "separate_runs"
+            and manifest["step"] == manifest["run_steps"] == step
+        )
+        assert len(rates) == len(manifest["losses"]) == step
+        # Each run's cosine schedule spans its own steps (the rate each step trained with):
+        # its last rate is its smallest, at most half the peak (0.15 of it after 4 steps).
+        assert rates == pytest.approx(_cosine(settings.learning_rate, step)), rates
+        assert rates[-1] == min(rates) <= 0.5 * settings.learning_rate
+        assert manifest["probe_loss"] == result.probe_losses[step]
+    assert _manifest(tmp_path / "s4")["learning_rates"] == result.learning_rates
+
+    one_run = settings.model_copy(update={"protocol": "checkpoints"})
+    single = train(str(tiny_tokenizer_model), EXAMPLES, str(tmp_path / "c4"), one_run, Trainer(micro_batch_size=2),
+                   base_reference="tiny", checkpoint_dirs={2: str(tmp_path / "c2")})  # fmt: skip
+    cut, whole = _manifest(tmp_path / "c2"), _manifest(tmp_path / "c4")
+    assert cut["protocol"] == "checkpoints" and cut["run_steps"] == 4 and cut["step"] == 2
+    assert cut["learning_rates"] == whole["learning_rates"][:2] == single.learning_rates[:2]
+    # Step 2 of a 4-step run is mid-schedule: well above where that run ends, and above the
+    # end of the separate 2-step run.
+    assert cut["learning_rates"] == pytest.approx(_cosine(settings.learning_rate, 4)[:2])
+    assert (
+        cut["learning_rates"][-1] > 0.8 * settings.learning_rate > 5 * whole["learning_rates"][-1]
+    )
+    assert cut["learning_rates"][-1] > _manifest(tmp_path / "s2")["learning_rates"][-1]
+
+
+def test_batches_are_padded_to_their_longest_example_not_to_max_seq_len(tiny_tokenizer_model):
+    """TRL's collator pads each micro-batch to its longest example; max_seq_len only cuts."""
+    examples = [TrainingExample(f"Question {i}?", "word " * (3 * i + 1), "seed") for i in range(8)]
+    prepared = prepare(str(tiny_tokenizer_model), examples, TrainingSettings(steps=[1], batch_size=4, dropout=0.0),
+                       Trainer(micro_batch_size=4))  # fmt: skip
+    assert prepared.max_seq_len == 4096 and not prepared.gradient_checkpointing
+    assert len(prepared.trainer.eval_dataset) == PROBE_EXAMPLES
+    widths = []
+    for batch in prepared.trainer.get_train_dataloader():
+        longest = int(batch["attention_mask"].sum(dim=1).max())
+        assert batch["input_ids"].shape[1] == longest < 100
+        widths.append(longest)
+    assert len(set(widths)) > 1  # each batch its own width
+
+
+def test_training_settings_are_validated_sorted_and_split_into_runs():
+    settings = TrainingSettings(steps=[1200, 600, 900, 600])
+    assert settings.steps == [600, 900, 1200] and settings.max_steps == 1200
+    assert [run.steps for run in settings.runs()] == [[600], [900], [1200]]
+    (one_run,) = settings.model_copy(update={"protocol": "checkpoints"}).runs()
+    assert one_run.steps == [600, 900, 1200]
+    assert TrainingSettings(steps=[3]).runs() == [TrainingSettings(steps=[3])]
+    defaults = TrainingSettings()  # METHOD.md step 4, 7B
+    assert (defaults.learning_rate, defaults.batch_size, defaults.weight_decay, defaults.dropout,
+            defaults.steps, defaults.warmup_ratio, defaults.protocol) == (1e-5, 32, 0.1, 0.1, [600, 900, 1200], 0.0,
+                                                                          "separate_runs")  # fmt: skip
+    for wrong in ({"steps": []}, {"steps": [0, 5]}, {"batch_size": 0}, {"learning_rate": 0.0},
+                  {"warmup_ratio": 1.0}, {"dropout": -0.1}, {"weight_decay": -1.0}, {"protocol": "best"},
+                  {"epochs": 3}):  # fmt: skip
+        with pytest.raises(ValueError):
+            TrainingSettings(**wrong)
+    for wrong in ({"micro_batch_size": 0}, {"num_gpus": 0}, {"max_seq_len": 0}, {"lora_r": 0},
+                  {"gpu_memory_gb": 0.0}, {"distributed": "mpi"}, {"trust_remote_code": True}):  # fmt: skip
+        with pytest.raises(ValueError):
+            Trainer(**wrong)

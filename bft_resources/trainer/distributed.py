@@ -15,15 +15,14 @@ Strategy = Literal["single_gpu", "ddp", "fsdp", "zero3", "zero3_offload"]
 STRATEGIES: tuple[str, ...] = ("single_gpu", "ddp", "fsdp", "zero3", "zero3_offload")
 # Strategies that shard the model state (parameters, gradients, optimizer) across processes.
 SHARDED = frozenset({"fsdp", "zero3", "zero3_offload"})
-WORKER_MODULE = "bft_resources.train_worker"
+WORKER_MODULE = "bft_resources.trainer.worker"
 
 
 def config_path(strategy: str) -> Path:
     """The shipped accelerate config for a strategy, or a user's own YAML file by path."""
     if strategy in STRATEGIES:
-        return Path(
-            str(resources.files("bft_resources") / "accelerate_configs" / f"{strategy}.yaml")
-        )
+        shipped = resources.files("bft_resources.trainer") / "accelerate_configs"
+        return Path(str(shipped / f"{strategy}.yaml"))
     path = Path(strategy).expanduser()
     if not path.is_file():
         raise FileNotFoundError(

@@ -3,7 +3,9 @@
 progress lines go to the run log and its result comes back as a custom message.
 
 Every process trains; only the main one (rank 0) opens the Pipes message channel, so the run
-sees one stream of messages. The others read the same context (the extras) and stay quiet."""
+sees one stream of messages. The others read the same context (the extras) and stay quiet.
+The extras carry the training settings and the trainer as their ``model_dump()``, rebuilt
+here, so the subprocess trains exactly what was declared."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from dataclasses import asdict
 import polars as pl
 from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, open_dagster_pipes
 
-from bft_resources.trainer import MESSAGE_SLOT, Hyperparameters, TrainingExample, train
+from bft_resources.trainer.examples import TrainingExample
+from bft_resources.trainer.resource import MESSAGE_SLOT, Trainer
+from bft_resources.trainer.settings import TrainingSettings
+from bft_resources.trainer.sft import train
 
 
 @contextmanager
@@ -44,11 +49,10 @@ def run(spec: dict, log, report) -> None:
     template = spec.get("fallback_template")
     fallback = (lambda message: template.replace(MESSAGE_SLOT, message)) if template else None
     result = train(
-        spec["model_dir"], examples, spec["output_dir"], Hyperparameters(**spec["hyperparameters"]),
-        base_reference=spec["base_reference"], fallback=fallback, log=log,
-        log_every=spec["log_every"], trust_remote_code=spec["trust_remote_code"],
-        extra_manifest=spec.get("extra_manifest"), checkpoint_dirs=spec.get("checkpoint_dirs"),
-        trace_dir=spec.get("trace_dir"),
+        spec["model_dir"], examples, spec["output_dir"], TrainingSettings(**spec["settings"]),
+        Trainer(**spec["trainer"]), base_reference=spec["base_reference"], fallback=fallback, log=log,
+        trust_remote_code=spec["trust_remote_code"], extra_manifest=spec.get("extra_manifest"),
+        checkpoint_dirs=spec.get("checkpoint_dirs"), trace_dir=spec.get("trace_dir"),
     )  # fmt: skip
     report(json.loads(json.dumps(asdict(result), default=str)))
 

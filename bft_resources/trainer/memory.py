@@ -11,13 +11,16 @@ layer's input (2·s·b·h bytes in 16-bit) plus one layer recomputed in full, 34
 (Korthikanti et al. 2022, without the s² attention scores that SDPA/flash attention never
 stores), plus the logits and their gradient in fp32.
 DeepSpeed's own estimator needs deepspeed installed and covers ZeRO only, hence this.
+On a CPU (no CUDA and no declared GPU memory) the same estimate, for the machine's RAM and
+without the CUDA floor, is logged and not checked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
-from bft_resources.distributed import SHARDED
+from bft_resources.trainer.distributed import SHARDED
 
 GIB = 1024**3
 # CUDA context, allocator fragmentation and communication buffers: a floor plus a share.
@@ -78,6 +81,7 @@ class Plan:
     seq_len: int
     bf16: bool = True
     gradient_checkpointing: bool = True
+    device: Literal["gpu", "cpu"] = "gpu"  # cpu: processes on the machine's RAM, no CUDA context
 
 
 @dataclass(frozen=True)
@@ -93,12 +97,14 @@ class Estimate:
 
     def describe(self) -> str:
         p = self.plan
+        what = f"{p.method} fine-tuning of {self.shape.billions:.1f}B"
+        if p.device == "cpu":
+            if p.gpus == 1:
+                return f"{what} on the CPU: ~{self.per_gpu_gib:.0f} GiB"
+            return f"{what} on {p.gpus} CPU processes ({p.strategy}): ~{self.per_gpu_gib:.0f} GiB per process"
         where = f"{p.gpus} GPU{'s' if p.gpus > 1 else ''} ({p.strategy})"
         cpu = f", {self.cpu_gib:.0f} GiB of CPU RAM" if self.cpu_gib else ""
-        return (
-            f"{p.method} fine-tuning of {self.shape.billions:.1f}B on {where}: "
-            f"~{self.per_gpu_gib:.0f} GiB per GPU{cpu}"
-        )
+        return f"{what} on {where}: ~{self.per_gpu_gib:.0f} GiB per GPU{cpu}"
 
 
 def estimate(shape: ModelShape, plan: Plan) -> Estimate:
@@ -124,7 +130,8 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     else:
         on_gpu = state
     working = on_gpu + activations + logits
-    per_gpu = working * (1 + OVERHEAD_SHARE) / GIB + OVERHEAD_GIB
+    floor = OVERHEAD_GIB if plan.device == "gpu" else 0.0  # the CUDA context and its buffers
+    per_gpu = working * (1 + OVERHEAD_SHARE) / GIB + floor
     return Estimate(plan, shape, state / GIB, per_gpu, cpu)
 
 
