@@ -60,9 +60,9 @@ def run_filter(shard: Path, model: str) -> None:
     from bft_assets.corpus import _BATCH_LINES, _batches, message_tokens, token_counter
     from bft_assets.specs import GenerationSpec
     from bft_resources.corpus import CorpusSource
-    from bft_resources.models import ModelResource
+    from bft_resources.models import ModelRef
 
-    base = ModelResource(model=model)
+    base = ModelRef(model=model)
     corpus = CorpusSource(uri=str(shard.parent))
     (item,) = [s for s in corpus.list_shards() if s.uri == str(shard)]
     budget = document_budget(message_tokens(base), base.context_length(), GenerationSpec())
@@ -92,14 +92,14 @@ def run_overhead(folder: Path, model: str) -> None:
     from bft_assets.definitions import defs  # noqa: F401 - what a run's process loads
     from bft_assets.demo import write_demo_corpus
     from bft_resources.corpus import CorpusSource
-    from bft_resources.models import ModelResource
+    from bft_resources.models import ModelRef
     from bft_resources.storage import LocalStorage
 
     import_s = time.perf_counter() - started
     write_demo_corpus(folder / "corpus", shards=1, docs_per_shard=4)
     resources = {"storage": LocalStorage(root=str(folder / "storage")),
                  "corpus": CorpusSource(uri=str(folder / "corpus")),
-                 "base_model": ModelResource(model=model)}  # fmt: skip
+                 "base_model": ModelRef(model=model)}  # fmt: skip
     runs = []
     with dg.instance_for_test() as instance:
         (shard,) = discover_shards(resources["corpus"], instance)

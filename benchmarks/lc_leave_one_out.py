@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from bft_assets.lc import annotations_frame, difficulty_table, lc_scores
+from bft_assets.evaluation.lc import annotations_frame, difficulty_table, lc_scores
 
 
 def published(data: Path) -> dict[str, float]:

@@ -11,10 +11,14 @@ The instruction is at most the backtranslation budget. Distillation sends no doc
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from bft_assets.prompts import BACKTRANSLATE, REWRITE, SCORE, Prompt
+from bft_assets.prompts import BACKTRANSLATE, REWRITE, SCORE, Prompt, llama2_inst
 from bft_assets.specs import GenerationSpec
+from bft_resources.engine import Chat
+from bft_resources.engine.rendering import prompt_token_ids
+from bft_resources.models import ModelRef
 
 # Tokenizing a document inside a prompt can merge across its edges differently from the
 # document alone: a few tokens of room keep "fits" true at the budget itself.
@@ -32,10 +36,18 @@ class Budget:
     tokens: int  # the longest document that fits every prompt
     overheads: dict[str, int]  # tokens each prompt adds around its texts
     limits: dict[str, int]  # the longest document each prompt alone allows
+    window: int = 0  # the context window they share
 
     @property
     def limiting(self) -> str:
         return min(self.limits, key=self.limits.__getitem__)
+
+    def table(self):
+        """Each prompt's overhead and the longest document it allows, as a Markdown table."""
+        from bft_assets.reporting import markdown_table
+
+        return markdown_table([{"prompt": p, "overhead_tokens": self.overheads[p], "longest_document": self.limits[p]}
+                               for p in self.limits])  # fmt: skip
 
 
 def _overhead(count, prompt: Prompt) -> int:
@@ -62,4 +74,11 @@ def document_budget(count, window: int, generation: GenerationSpec) -> Budget:
             / (1 + rewriting.rewrite_length_ratio)
         ),
     }
-    return Budget(min(limits.values()), overheads, limits)
+    return Budget(min(limits.values()), overheads, limits, window)
+
+
+def message_tokens(model: ModelRef) -> Callable[[str], int]:
+    """Tokens a user message takes once rendered for the base model (its chat template, or
+    the paper's Llama-2 markers), exactly as the engines feed it."""
+    tokenizer = model.tokenizer()
+    return lambda message: len(prompt_token_ids(tokenizer, Chat(message), llama2_inst))

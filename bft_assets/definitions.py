@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 import bft_assets.defs
-from bft_assets.instance import BftInstance
+from bft_assets.instance import Instance
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def component_tree() -> dg.ComponentTree:
     return dg.ComponentTree.from_module(defs_module=bft_assets.defs, project_root=PROJECT_ROOT)
 
 
-def declared_instances() -> dict[str, BftInstance]:
+def declared_instances() -> dict[str, Instance]:
     """The bft instances this code location declares, by key prefix (for the `bft` CLI)."""
     from bft_assets.component import BackAndForthTranslation
 

@@ -13,9 +13,16 @@ import inspect
 import json
 import re
 import sys
+import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+    from bft_assets.instance import Instance
 
 DEMO_SOURCE = "python-stdlib-docstrings"
 # Modules whose docstrings read like explanations rather than signatures.
@@ -30,8 +37,7 @@ _WORDS = re.compile(r"[A-Za-z]+")
 _ADDED = "2026-01-01T00:00:00.000Z"
 
 
-# The recipes `bft demo` trains and evaluates (the instance declares all five).
-DEMO_RECIPES = ("seed_only", "filtering", "filtering_rewriting")
+DEMO_INSTANCE = "demo"
 
 
 def demo_seed_path() -> Path:
@@ -100,3 +106,72 @@ def write_demo_corpus(
             out.write(lines.encode("utf-8"))
         paths.append(path)
     return paths
+
+
+def run_demo(shards: int, docs_per_shard: int, instance: dg.DagsterInstance) -> Instance:
+    """Materialize every asset of the demo instance for its partitions, one job run a step,
+    and every recipe it declares; print each step's seconds and the total."""
+    from bft_assets.corpus import discover_shards
+    from bft_assets.definitions import declared_instances, defs
+    from bft_assets.graph import (
+        OBSERVE_CORPUS_JOB,
+        OBSERVE_RECIPES_JOB,
+        RECIPE_JOB,
+        SEED_JOB,
+        SEED_MODEL_JOB,
+        SHARD_JOB,
+    )
+
+    inst = declared_instances()[DEMO_INSTANCE]
+    corpus_dir = Path(inst.decl.corpus.uri)
+    if not any(corpus_dir.glob("*.jsonl.gz")):
+        write_demo_corpus(corpus_dir, shards, docs_per_shard)
+    discover_shards(inst.corpus(), instance, inst.shards.name)
+    keys = instance.get_dynamic_partitions(inst.shards.name)
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    started = time.perf_counter()
+
+    def step(label: str, job: str, partition_key: str | None = None) -> None:
+        began = time.perf_counter()
+        result = defs.resolve_job_def(inst.name(job)).execute_in_process(
+            instance=instance, partition_key=partition_key, run_config=quiet, raise_on_error=False
+        )
+        if not result.success:
+            sys.exit(f"demo step {label} failed: see run {result.run_id} in the UI (make ui)")
+        print(
+            f"  {label}: {time.perf_counter() - began:.1f} s (total {time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+
+    print(f"demo: {len(keys)} shards under {corpus_dir}", flush=True)
+    step("observe corpus_documents", OBSERVE_CORPUS_JOB)
+    step("observe recipes", OBSERVE_RECIPES_JOB)
+    step("seed_examples", SEED_JOB)
+    for direction in ("backward", "forward"):
+        step(f"seed_model {direction}", SEED_MODEL_JOB, direction)
+    for key in keys:
+        step(f"shard {key}", SHARD_JOB, key)
+    for recipe in inst.decl.recipes:
+        step(f"finetuned_checkpoint + eval_scores {recipe.name}", RECIPE_JOB, recipe.name)
+    return inst
+
+
+def print_recipe_table(inst: Instance) -> None:
+    import polars as pl
+
+    from bft_assets.evaluation.asset import recipe_summaries
+
+    table = recipe_summaries(inst, inst.storage)
+    if table.is_empty():
+        return
+    print(
+        "\nrecipes (win rate against the references, percent; the demo's references are the untuned base model's):"
+    )
+    with pl.Config(
+        tbl_rows=-1,
+        tbl_cols=-1,
+        tbl_width_chars=200,
+        float_precision=2,
+        tbl_hide_dataframe_shape=True,
+    ):
+        print(table)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import polars as pl
 
-from bft_assets.instance import FINETUNED_CHECKPOINT, BftInstance
+from bft_assets.checkpoint_index import read_checkpoint_index
+from bft_assets.instance import FINETUNED_CHECKPOINT, Instance
 from bft_assets.prompts import BACKTRANSLATE, JUDGE, REWRITE, SCORE, SEED_TAG, WEB_TAG
-from bft_assets.training import chat_jsonl, read_checkpoint_index
+from bft_assets.recipes import chat_jsonl
 from bft_resources.storage import Storage
 from bft_resources.trainer import MANIFEST
 
@@ -62,7 +63,7 @@ Files: `data/` (`datasets.load_from_disk`), `train.jsonl` (chat `messages`), `tr
 
 
 def export_recipe(
-    inst: BftInstance, storage: Storage, recipe: str, destination: Path
+    inst: Instance, storage: Storage, recipe: str, destination: Path
 ) -> dict[str, str]:
     """Write everything under ``destination``; returns what went where."""
     from datasets import Dataset

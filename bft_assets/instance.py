@@ -1,53 +1,33 @@
-"""One declared instance of bft: its names, its resources and its code versions.
+"""One declared instance of bft, as its stages see it: names, keys, partitions, storage and
+the model each role loads.
 
-Every factory gets a ``BftInstance``. Its asset keys, checks, jobs, sensors and partition
-sets carry the instance's key prefix; its resources are registered under prefixed keys and
-injected into its own assets only; its tables live under ``<storage>/<prefix>/<asset>``.
-So two instances (a corpus ablation, a rewriter ablation) share nothing but the code.
+``Instance`` wraps the declaration (the component, ``decl``) and copies none of its fields:
+``inst.decl.generation.scoring`` is the declared value itself. Every key, job, sensor and
+partition set carries the instance's prefix and its tables live under
+``<storage>/<prefix>/<asset>``, so two instances (a corpus ablation, a rewriter ablation)
+share nothing but the code.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
-from bft_assets.policies import (
-    GPU_POOL,
-    ONE_PARTITION_PER_RUN,
-    REBUILD_STALE,
-    gpu_op_tags,
-)
-from bft_assets.specs import (
-    DEMO_DATA,
-    CorpusSpec,
-    EngineSpec,
-    EvalSpec,
-    GenerationSpec,
-    JudgeSpec,
-    Models,
-    ModelSpec,
-    RecipeSpec,
-    S3Spec,
-    SeedModelsFrom,
-    SeedSpec,
-    TrainerSpec,
-    TrainingSettings,
-)
+from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN, REBUILD_STALE, gpu_op_tags
+from bft_assets.recipes import Recipe, floor, recipe_version
 from bft_resources.corpus import CorpusSource
-from bft_resources.embeddings import Embedder
-from bft_resources.engine import InferenceEngine
-from bft_resources.eval_source import EvalSetSource
-from bft_resources.judge import Judge
+from bft_resources.engine import Engine
 from bft_resources.keys import safe_segment
-from bft_resources.models import ModelResource
-from bft_resources.seed_source import SeedSource
+from bft_resources.models import ModelRef
 from bft_resources.storage import Storage, storage_for
-from bft_resources.trainer import Trainer
+from bft_resources.trainer import TrainingSettings
+
+if TYPE_CHECKING:
+    from bft_assets.component import BackAndForthTranslation
 
 # The graph's asset names (the last part of each key; asset keys are part of the interface).
 SEED_EXAMPLES = "seed_examples"
@@ -57,6 +37,7 @@ BACKTRANSLATED_POOL = "backtranslated_pool"
 SCORED_POOL = "scored_pool"
 REWRITTEN_DATASET = "rewritten_dataset"
 SEED_MODEL = "seed_model"
+RECIPES = "recipes"
 FINETUNED_CHECKPOINT = "finetuned_checkpoint"
 EVAL_SCORES = "eval_scores"
 
@@ -70,43 +51,10 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class Bound:
-    """An instance's resources as one asset execution sees them."""
-
-    storage: Storage
-    seed_source: SeedSource
-    corpus: CorpusSource
-    base_model: ModelResource
-    rewriter_model: ModelResource
-    engine: InferenceEngine
-    trainer: Trainer
-    judge: Judge
-    eval_set: EvalSetSource
-    embedder: Embedder
-    backward_model: ModelResource | None = None
-    forward_model: ModelResource | None = None
-    seed_model_storage: Storage | None = None
-
-
-@dataclass(frozen=True)
-class BftInstance:
-    prefix: str
-    storage_root: str
-    seed: SeedSpec
-    corpus: CorpusSpec
-    models: Models
-    eval: EvalSpec
-    recipes: tuple[RecipeSpec, ...]
-    engine: EngineSpec = field(default_factory=EngineSpec)
-    judge: JudgeSpec = field(default_factory=JudgeSpec)
-    trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
-    generation: GenerationSpec = field(default_factory=GenerationSpec)
-    seed_models_from: SeedModelsFrom | None = None
-    s3: S3Spec | None = None
-    owners: tuple[str, ...] = ()
-    tags: Mapping[str, str] = field(default_factory=dict)
+class Instance:
+    def __init__(self, decl: BackAndForthTranslation):
+        self.decl = decl
+        self.prefix = decl.key_prefix
 
     # ---- names ---------------------------------------------------------------------------
 
@@ -121,16 +69,13 @@ class BftInstance:
         """A job, sensor or partition-set name of this instance."""
         return f"{self.prefix}__{thing}"
 
-    def resource_key(self, role: str) -> str:
-        return f"{self.prefix}__{role}"
-
     @cached_property
     def shards(self) -> dg.DynamicPartitionsDefinition:
         return dg.DynamicPartitionsDefinition(name=self.name(CORPUS_SHARDS))
 
     @cached_property
     def recipe_partitions(self) -> dg.StaticPartitionsDefinition:
-        return dg.StaticPartitionsDefinition([r.name for r in self.recipes])
+        return dg.StaticPartitionsDefinition([r.name for r in self.decl.recipes])
 
     @cached_property
     def directions(self) -> dg.StaticPartitionsDefinition:
@@ -142,148 +87,139 @@ class BftInstance:
         safe path segment (anyone with the UI can add a shard partition)."""
         return safe_segment(context.partition_key)
 
-    def recipe(self, name: str) -> RecipeSpec:
-        for recipe in self.recipes:
+    # ---- recipes -------------------------------------------------------------------------
+
+    def recipe(self, name: str) -> Recipe:
+        for recipe in self.decl.recipes:
             if recipe.name == name:
                 return recipe
-        raise KeyError(f"no recipe {name!r} in {self.prefix}: {[r.name for r in self.recipes]}")
+        raise KeyError(
+            f"no recipe {name!r} in {self.prefix}: {[r.name for r in self.decl.recipes]}"
+        )
 
-    # ---- what the declared recipes ask of the upstream stages --------------------------
+    def training_for(self, recipe: Recipe) -> TrainingSettings:
+        return recipe.training or self.decl.training
 
-    def _floor(self, responses: str) -> tuple[bool, int | None]:
-        """(whether any recipe trains on these responses, the lowest score it accepts; None
-        when one of them takes every pair)."""
-        wanted = [r for r in self.recipes if r.responses == responses]
-        if not wanted:
-            return False, None
-        if any(r.min_score is None for r in wanted):
-            return True, None
-        return True, min(r.min_score for r in wanted)  # type: ignore[type-var]
+    def recipe_versions(self) -> dict[str, str]:
+        """Each recipe's own version: the data version of its declaration."""
+        return {r.name: recipe_version(r, self.training_for(r)) for r in self.decl.recipes}
 
-    @property
-    def rewrite_floor(self) -> tuple[bool, int | None]:
-        return self._floor("rewrite")
+    def needs(self, responses: str) -> tuple[bool, int | None]:
+        """What the declared recipes ask of an upstream stage (``recipes.floor``)."""
+        return floor(self.decl.recipes, responses)
 
-    @property
-    def distill_floor(self) -> tuple[bool, int | None]:
-        return self._floor("distilled")
+    # ---- storage and models ----------------------------------------------------------------
 
-    def training_for(self, recipe: str | None) -> TrainingSettings:
-        if recipe is None:
-            return self.training
-        return self.recipe(recipe).training or self.training
+    @cached_property
+    def s3(self) -> Any:
+        """dagster-aws's S3Resource for the declared settings (None: boto3's chain)."""
+        return self.decl.s3.resource() if self.decl.s3 is not None else None
 
-    # ---- models ------------------------------------------------------------------------
+    @cached_property
+    def storage(self) -> Storage:
+        return storage_for(self.decl.storage, self.s3)
 
-    @property
-    def judge_model(self) -> ModelSpec:
-        return self.models.judge or self.models.rewriter
+    def corpus(self) -> CorpusSource:
+        return CorpusSource(uri=self.decl.corpus.uri, s3=self.s3)
+
+    def model(self, role: str) -> ModelRef:
+        """The declared model of a role (base, rewriter, judge, seed_base, backward,
+        forward), reading s3:// folders with the instance's S3 settings."""
+        models = self.decl.models
+        declared = {
+            "base": models.base,
+            "rewriter": models.rewriter,
+            "judge": models.judge or models.rewriter,
+            "seed_base": models.seed_base or models.base,
+            "backward": models.backward,
+            "forward": models.forward,
+        }[role]
+        if declared is None:
+            raise KeyError(f"{self.prefix}: models.{role} is not declared")
+        return declared.with_s3(self.s3)
+
+    def engine(self, role: str = "generation") -> Engine:
+        """The engine a role loads its model with: the judge's own where declared."""
+        if role == "judge" and self.decl.judge.engine is not None:
+            return self.decl.judge.engine
+        return self.decl.engine
+
+    # ---- seed models -------------------------------------------------------------------------
 
     def trains_seed_model(self) -> bool:
-        declared = self.models.backward is not None and self.models.forward is not None
-        return self.seed_models_from is None and not declared
+        models = self.decl.models
+        declared = models.backward is not None and models.forward is not None
+        return self.decl.seed_models_from is None and not declared
 
     def seed_model_key(self) -> dg.AssetKey | None:
         """The seed_model asset the generation stages read, this instance's or another's."""
-        if self.seed_models_from is not None:
-            return dg.AssetKey([self.seed_models_from.instance, SEED_MODEL])
+        if self.decl.seed_models_from is not None:
+            return dg.AssetKey([self.decl.seed_models_from.instance, SEED_MODEL])
         return self.key(SEED_MODEL) if self.trains_seed_model() else None
+
+    def seed_model_storage(self) -> Storage:
+        source = self.decl.seed_models_from
+        return self.storage if source is None else storage_for(source.storage, self.s3)
 
     def stage_model_reference(self, direction: str) -> str:
         """What a generation stage loads, for its code version."""
-        declared = getattr(self.models, direction)
+        declared = getattr(self.decl.models, direction)
         if declared is not None:
             return declared.reference
         source = self.seed_model_key()
         assert source is not None
-        return f"{source.to_user_string()}[{direction}] trained from {self.models.base.reference}"
+        base = self.model("seed_base").reference
+        return f"{source.to_user_string()}[{direction}] trained from {base}"
+
+    def stage_model(self, direction: str) -> ModelRef:
+        """The model a generation stage loads: the declared model of its direction, or the
+        trained seed_model checkpoint of that direction (this instance's or another's)."""
+        if getattr(self.decl.models, direction) is not None:
+            return self.model(direction)
+        source = self.seed_model_key()
+        assert source is not None
+        table = "/".join(source.path)
+        try:
+            folder = self.seed_model_storage().fetch_checkpoint(table, direction)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{exc}; or declare models.{direction} to use a model of your own"
+            ) from exc
+        return ModelRef(model=str(folder))
 
     def stage_deps(self, direction: str) -> list[dg.AssetDep]:
         """A stage's dependency on the seed model of its direction, when it reads one."""
-        if getattr(self.models, direction) is not None or self.seed_model_key() is None:
+        source = self.seed_model_key()
+        if getattr(self.decl.models, direction) is not None or source is None:
             return []
         mapping = dg.SpecificPartitionsPartitionMapping([direction])
-        return [dg.AssetDep(self.seed_model_key(), partition_mapping=mapping)]
+        return [dg.AssetDep(source, partition_mapping=mapping)]
 
-    # ---- decorator arguments shared by every asset -------------------------------------
+    # ---- decorator arguments shared by every asset ----------------------------------------
 
     def storage_kind(self) -> str:
-        return "s3" if self.storage_root.startswith("s3://") else "parquet"
+        return "s3" if self.decl.storage.startswith("s3://") else "parquet"
 
-    def asset_args(self, asset: str, kinds: set[str], roles: set[str]) -> dict[str, Any]:
+    def asset_args(self, asset: str, kinds: set[str], group: str) -> dict[str, Any]:
+        """What every asset of the instance declares; the declaration's translation may
+        change its group, owners, tags and description."""
+        spec = dg.AssetSpec(
+            self.key(asset), group_name=group, owners=list(self.decl.owners),
+            tags=dict(self.decl.tags), kinds=kinds | {self.storage_kind()},
+        )  # fmt: skip
+        spec = self.decl.translate(spec, asset)
         return {
-            "key": self.key(asset),
-            "owners": list(self.owners),
-            "tags": dict(self.tags),
-            "kinds": kinds | {self.storage_kind()},
-            "required_resource_keys": {self.resource_key(r) for r in roles & self.roles},
+            "key": spec.key,
+            "group_name": spec.group_name,
+            "owners": list(spec.owners),
+            "tags": dict(spec.tags),
+            "kinds": set(spec.kinds),
             "automation_condition": REBUILD_STALE,
+            **({"description": spec.description} if spec.description else {}),
         }
 
-    def gpu_args(self, gpus: int) -> dict[str, Any]:
+    def gpu_args(self, asset: str, gpus: int) -> dict[str, Any]:
         """Partitioned assets that load a model: the gpu pool, one partition per backfill
-        run, and the step's GPU request."""
-        return {"pool": GPU_POOL, "backfill_policy": ONE_PARTITION_PER_RUN, "op_tags": gpu_op_tags(gpus)}  # fmt: skip
-
-    # ---- resources ---------------------------------------------------------------------
-
-    @property
-    def roles(self) -> set[str]:
-        """The resource roles this instance registers (the optional ones only when declared)."""
-        optional = {"backward_model": self.models.backward, "forward_model": self.models.forward,
-                    "seed_model_storage": self.seed_models_from}  # fmt: skip
-        return set(Bound.__dataclass_fields__) - {k for k, v in optional.items() if v is None}
-
-    def s3_resource(self) -> S3Resource | None:
-        if self.s3 is None:
-            return None
-        return S3Resource(**{k: v for k, v in self.s3.model_dump().items() if v is not None})
-
-    def _model(self, spec: ModelSpec, s3: S3Resource | None) -> ModelResource:
-        return ModelResource(model=spec.model, revision=spec.revision, context_window=spec.context_window,
-                             trust_remote_code=spec.trust_remote_code, s3=s3)  # fmt: skip
-
-    def resources(self) -> dict[str, dg.ConfigurableResource]:
-        """This instance's resources, keyed by ``resource_key(role)``."""
-        from bft_assets.demo import demo_eval_path, demo_seed_path
-
-        s3 = self.s3_resource()
-        engine = self.engine
-        api_key = dg.EnvVar(engine.api_key_env) if engine.api_key_env else None
-        judge_key = dg.EnvVar(self.judge.api_key_env) if self.judge.api_key_env else None
-        roles: dict[str, dg.ConfigurableResource | None] = {
-            "storage": storage_for(self.storage_root, s3),
-            "seed_source": SeedSource(uri=str(demo_seed_path()) if self.seed.uri == DEMO_DATA else self.seed.uri),
-            "corpus": CorpusSource(uri=self.corpus.uri, s3=s3),
-            "base_model": self._model(self.models.base, s3),
-            "rewriter_model": self._model(self.models.rewriter, s3),
-            "backward_model": self._model(self.models.backward, s3) if self.models.backward else None,
-            "forward_model": self._model(self.models.forward, s3) if self.models.forward else None,
-            "seed_model_storage": storage_for(self.seed_models_from.storage, s3)
-            if self.seed_models_from else None,
-            "engine": InferenceEngine(
-                backend=engine.backend, batch_size=engine.batch_size, device=engine.device, dtype=engine.dtype,
-                tensor_parallel_size=engine.tensor_parallel_size, gpu_memory_utilization=engine.gpu_memory_utilization,
-                max_model_len=engine.max_model_len, enable_prefix_caching=engine.enable_prefix_caching,
-                base_url=engine.base_url, api_key=api_key, served_model=engine.served_model,
-                max_concurrency=engine.max_concurrency,
-            ),
-            "trainer": Trainer(**self.trainer.model_dump()),
-            "judge": Judge(backend=self.judge.backend, model=self._model(self.judge_model, s3),
-                           base_url=self.judge.base_url, api_key=judge_key, batch_size=self.judge.batch_size),
-            "eval_set": EvalSetSource(uri=str(demo_eval_path()) if self.eval.uri == DEMO_DATA else self.eval.uri,
-                                      limit=self.eval.limit),
-            "embedder": Embedder(mauve_featurizer=self.eval.mauve_featurizer),
-        }  # fmt: skip
-        return {self.resource_key(r): v for r, v in roles.items() if v is not None}
-
-    def bound(self, context: dg.AssetExecutionContext | dg.SensorEvaluationContext) -> Bound:
-        """The resources of this instance that the running asset or sensor asked for."""
-        available = context.resources
-        values = {}
-        for role in Bound.__dataclass_fields__:
-            try:
-                values[role] = getattr(available, self.resource_key(role))
-            except Exception:  # not required by this asset, or not declared
-                values[role] = None
-        return Bound(**values)  # type: ignore[arg-type]
+        run, and the step's GPU request (plus the op tags the declaration adds)."""
+        tags = {**gpu_op_tags(gpus), **self.decl.op_tags.get(asset, {})}
+        return {"pool": GPU_POOL, "backfill_policy": ONE_PARTITION_PER_RUN, "op_tags": tags}

@@ -13,6 +13,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from bft_resources.engine.rendering import strip_special
+
 SEED_TAG = "Answer in the style of an AI Assistant."
 WEB_TAG = "Answer with knowledge from web search."
 # Evaluation (METHOD.md step 5): the two suffixes the paper tries, worded exactly; it keeps
@@ -24,10 +26,15 @@ EVAL_TAGS = {
 
 # Markers the method's prompts and parsers rely on; web text must not carry them in.
 _MARKERS = re.compile(r"\[(/?)(INST|RES)\]", re.IGNORECASE)
-_SCORE_LABEL = re.compile(r"\b(score)(\s*):", re.IGNORECASE)
+
 _PLACEHOLDER = re.compile(
     r"<(response|generated instruction|output|instruction|first answer|second answer)>"
 )
+# How a reply states a score: "Score: 5", "score:5/5", "**Score:** 4", "Score - 4",
+# "Rating: 3", "final score = 5": a label and its separator before the value. The one
+# pattern the score parser reads (bft_assets.replies) and ``neutralize`` disarms in every
+# text it puts in a prompt.
+VERDICT = re.compile(r"(score|rating)\s*\**\s*[:=\-]?\s*\**\s*(?=-?\d)", re.I)
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,14 @@ class Prompt:
 
 def neutralize(text: str, special_tokens: list[str] | tuple[str, ...] = ()) -> str:
     """Text from the web or from a model, made safe to put inside a prompt: the chat markers
-    ``[INST]``/``[RES]`` become ``(INST)``/``(RES)``, a ``Score:`` label becomes ``Score of``
-    (so an echo of it cannot pass for a verdict), and the tokenizer's special tokens (e.g.
-    ``<|im_start|>``) are removed, since a tokenizer would read them as control tokens."""
-    for token in special_tokens:
-        text = text.replace(token, "")
-    text = _MARKERS.sub(lambda m: f"({m.group(1)}{m.group(2)})", text)
-    return _SCORE_LABEL.sub(lambda m: f"{m.group(1)} of", text)
+    ``[INST]``/``[RES]`` become ``(INST)``/``(RES)``, every verdict shape the score parser reads
+    (``Score: 5``, ``My Rating: 5``, ``final score = 5``) becomes ``Score of 5`` (so an echo
+    cannot pass for a verdict), and the tokenizer's special tokens (e.g. ``<|im_start|>``)
+    are removed until none is left, since a tokenizer would read them as control tokens."""
+    text = _MARKERS.sub(
+        lambda m: f"({m.group(1)}{m.group(2)})", strip_special(text, special_tokens)
+    )
+    return VERDICT.sub(lambda m: f"{m.group(1)} of ", text)
 
 
 # A line that is nothing but a rating ("Score: 5", "**Rating** - 5/5", "Score of 4"): in a

@@ -48,9 +48,17 @@ def sample_rows(
     return markdown_table(frame.select(columns).head(n).to_dicts(), width)
 
 
-def counts_table(counts: Mapping[str, int], label: str = "reason") -> dg.MetadataValue:
-    """Non-zero counts as a two-column Markdown table, largest first."""
-    rows = [{label: k, "rows": v} for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v]
+def counts_table(
+    counts: Mapping[str, int], label: str = "reason", total: int | None = None
+) -> dg.MetadataValue:
+    """Non-zero counts as one Markdown table, largest first, with each count's share of
+    ``total`` (default: of the counts' sum)."""
+    whole = total if total is not None else sum(counts.values())
+    rows = [
+        {label: k, "rows": v, "share": f"{v / whole:.1%}" if whole else "-"}
+        for k, v in sorted(counts.items(), key=lambda kv: -kv[1])
+        if v
+    ]
     return markdown_table(rows)
 
 

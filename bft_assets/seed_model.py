@@ -1,87 +1,66 @@
-"""seed_model[direction]: the base model fine-tuned on the seed pairs (METHOD.md, Models).
+"""seed_model[direction]: the seed-model base fine-tuned on the seed pairs (METHOD.md, Models).
 
 The backward model p(x|y) learns from seed pairs reversed: the response inside the
 backtranslation prompt as input, the instruction as target. The forward model p(y|x)
-learns from the seed pairs as they are. Generation stages read these checkpoints.
+learns from the seed pairs as they are. Generation stages read these checkpoints. Their
+base is ``models.seed_base`` (the paper: Llama-2-70B in every experiment) and their schedule
+``seed_training``.
 """
 
 import dagster as dg
 import polars as pl
 
-from bft_assets.instance import SEED_EXAMPLES, SEED_MODEL, BftInstance
-from bft_assets.prompts import BACKTRANSLATE, llama2_inst
-from bft_assets.specs import TrainingSettings
-from bft_assets.tuning import loss_check, probe_check, training_metadata, training_version
-from bft_resources.trainer import Hyperparameters, Trainer, TrainingExample
+from bft_assets.instance import SEED_EXAMPLES, SEED_MODEL, Instance
+from bft_assets.prompts import BACKTRANSLATE
+from bft_assets.stage import StageRun, stage_asset
+from bft_assets.tuning import (
+    fine_tune,
+    loss_check,
+    probe_check,
+    training_checks,
+    training_metadata,
+    training_version,
+)
+from bft_resources.trainer import TrainingExample
 
-CHECK_SEED_LOSS = "seed_model_loss_decreased"
-CHECK_SEED_LOADS = "seed_model_checkpoint_generates"
+LOSS, LOADS = training_checks(SEED_MODEL)
 
 
 def seed_training_examples(seed: pl.DataFrame, direction: str) -> list[TrainingExample]:
     """Backward: (backtranslation prompt around the response) -> instruction. Forward:
     instruction -> response."""
+    pairs = zip(seed["instruction"], seed["response"], strict=True)
     if direction == "backward":
-        return [TrainingExample(BACKTRANSLATE.render(response=r), i, "seed")
-                for i, r in zip(seed["instruction"], seed["response"], strict=True)]  # fmt: skip
-    return [
-        TrainingExample(i, r, "seed")
-        for i, r in zip(seed["instruction"], seed["response"], strict=True)
-    ]
+        return [TrainingExample(BACKTRANSLATE.render(response=r), i, "seed") for i, r in pairs]
+    return [TrainingExample(i, r, "seed") for i, r in pairs]
 
 
-def seed_hyperparameters(trainer: Trainer, settings: TrainingSettings) -> Hyperparameters:
-    """A seed model trains to the last declared step and keeps that checkpoint only: the
-    generation stages read one model (the several-checkpoint protocol is for evaluated models)."""
-    return trainer.hyperparameters(**{**settings.model_dump(), "steps": [max(settings.steps)]})
+def build_seed_model(inst: Instance) -> dg.AssetsDefinition:
+    base, settings = inst.model("seed_base"), inst.decl.seed_training
+    version = f"{training_version(inst, base, settings)};prompt={BACKTRANSLATE.version}"
 
-
-def build_seed_model(inst: BftInstance) -> dg.AssetsDefinition:
-    key = inst.key(SEED_MODEL)
-    table = inst.table(SEED_MODEL)
-    settings = inst.training_for(None)
-
-    @dg.asset(
-        **inst.asset_args(SEED_MODEL, {"huggingface", "pytorch"}, {"base_model", "trainer", "engine", "storage"}),
-        partitions_def=inst.directions,
-        deps=[inst.key(SEED_EXAMPLES)],
-        group_name="training",
-        **inst.gpu_args(inst.trainer.num_gpus),
-        code_version=f"{training_version(inst, settings)};prompt={BACKTRANSLATE.version}",
-        check_specs=[
-            dg.AssetCheckSpec(CHECK_SEED_LOSS, asset=key, blocking=True,
-                              description="Training loss is finite and lower at the end than at the start."),
-            dg.AssetCheckSpec(CHECK_SEED_LOADS, asset=key, blocking=True,
-                              description="The saved checkpoint loads back and answers a fixed prompt."),
-        ],
-    )  # fmt: skip
+    @stage_asset(inst, SEED_MODEL, group="training", kinds={"huggingface", "pytorch"}, checks=(LOSS, LOADS),
+                 code_version=version, partitions=inst.directions, deps=[inst.key(SEED_EXAMPLES)],
+                 gpus=inst.decl.trainer.num_gpus)  # fmt: skip
     def seed_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        """The base model fine-tuned on the seed pairs: `backward` learns p(instruction |
+        """The seed-model base fine-tuned on the seed pairs: `backward` learns p(instruction |
         response) to backtranslate web documents, `forward` learns p(response | instruction)
-        to score the generated pairs."""
-        r = inst.bound(context)
-        storage, trainer, base_model = r.storage, r.trainer, r.base_model
-        direction = context.partition_key
-        seed = storage.read(inst.table(SEED_EXAMPLES))
-        examples = seed_training_examples(seed, direction)
-        result = trainer.fine_tune(
-            str(base_model.local_path()), examples, str(storage.checkpoint_dir(table, direction)),
-            seed_hyperparameters(trainer, settings), base_reference=base_model.reference,
-            fallback=llama2_inst, log=context.log.info, context=context, extra_manifest={"direction": direction},
-        )  # fmt: skip
-        uri = storage.publish_checkpoint(table, direction)
-        checkpoint = str(storage.fetch_checkpoint(table, direction))
-        return dg.MaterializeResult(
-            metadata={
-                "direction": direction,
-                "rows": len(examples),
-                **training_metadata(result, uri),
-                "base_model": base_model.reference,
-            },
-            check_results=[
-                loss_check(CHECK_SEED_LOSS, result),
-                probe_check(CHECK_SEED_LOADS, r.engine, checkpoint),
-            ],
+        to score the generated pairs. It keeps its last step's checkpoint."""
+        run = StageRun(inst, context)
+        direction = run.partition
+        examples = seed_training_examples(run.storage.read(inst.table(SEED_EXAMPLES)), direction)
+        # One model per direction: the generation stages read the last declared step's.
+        last = settings.model_copy(update={"steps": [settings.max_steps]})
+        parts = {
+            last.max_steps: direction
+        }  # <seed_model>/<direction>: what the generation stages load
+        result, index, local = fine_tune(
+            run, base, examples, last, direction, parts, {"direction": direction}
         )
+        return run.report(
+            pl.DataFrame({"direction": [direction]}), index[-1]["uri"], {},
+            metadata={"direction": direction, "examples": len(examples), **training_metadata(result, index, base)},
+            checks=[loss_check(LOSS.check_name, result), probe_check(LOADS.check_name, inst, local[last.max_steps])],
+        )  # fmt: skip
 
     return seed_model

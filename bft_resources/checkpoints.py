@@ -55,13 +55,23 @@ def _stamp(path: Path) -> list[int]:
 
 def verify_checkpoint(folder: Path) -> None:
     """Check every file the manifest lists against its hash (files unchanged since the last
-    check, by size and mtime, are not hashed again). CheckpointCorrupt names the file."""
+    check, by size and mtime, are not hashed again) and refuse files it does not list.
+    CheckpointCorrupt names the file."""
     manifest = json.loads((folder / MANIFEST).read_text())
     hashes = manifest.get(FILES)
     if not hashes:
         raise CheckpointCorrupt(
             f"{folder / MANIFEST} lists no file hashes (written before bft verified checkpoints): "
             "materialize the checkpoint again"
+        )
+    unlisted = sorted(p.relative_to(folder).as_posix() for p in _files(folder))
+    unlisted = [name for name in unlisted if name not in hashes]
+    if unlisted:
+        # A file added after training (an adapter_config.json, a stray config) would change
+        # what loads without the manifest vouching for it.
+        raise CheckpointCorrupt(
+            f"{folder / unlisted[0]}: in the checkpoint folder but not in its {MANIFEST} "
+            f"({len(unlisted)} such file(s)); remove it, or train the checkpoint again"
         )
     record = _verified_record(folder)
     try:

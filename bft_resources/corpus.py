@@ -20,6 +20,7 @@ from pydantic import Field
 from bft_resources.keys import safe_segment, unsafe_reason
 from bft_resources.s3 import S3Location, is_s3, list_objects
 from bft_resources.s3 import client as s3_client
+from bft_resources.uris import parse_location
 
 SHARD_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl")
 _READ_CHUNK = 1 << 20
@@ -50,7 +51,7 @@ def shard_key(relative: str) -> str:
     """Partition key for a shard path relative to the corpus root: its path without the
     extension, folders joined by '.' (``cc_en_head/0001.json.gz`` -> ``cc_en_head.0001``)."""
     for suffix in SHARD_SUFFIXES:
-        if relative.endswith(suffix):
+        if relative.lower().endswith(suffix):
             relative = relative[: -len(suffix)]
             break
     return relative.replace("/", ".")
@@ -69,13 +70,11 @@ class CorpusSource(dg.ConfigurableResource):
 
     @property
     def _on_s3(self) -> bool:
-        return is_s3(self.uri)
+        return parse_location(self.uri, "corpus").on_s3
 
     @property
     def _root(self) -> Path:
-        if "://" in self.uri and not self.uri.startswith("file://"):
-            raise ValueError(f"corpus {self.uri!r}: use a local folder or s3://bucket/prefix")
-        return Path(self.uri.removeprefix("file://")).expanduser().resolve()
+        return parse_location(self.uri, "corpus").path.resolve()
 
     def survey(self) -> tuple[list[Shard], list[Refused]]:
         """The shards that can be partitions, and the files refused with a reason: a key that
@@ -87,7 +86,7 @@ class CorpusSource(dg.ConfigurableResource):
             by_key.setdefault(shard.key, []).append(shard)
         shards, refused = [], []
         for key, same in sorted(by_key.items()):
-            reason = unsafe_reason(key)
+            reason = unsafe_reason(key) or next(filter(None, map(self._outside_root, same)), None)
             if reason is None and len(same) > 1:
                 reason = "files collide on it: " + ", ".join(s.uri for s in same)
             if reason is None:
@@ -101,15 +100,33 @@ class CorpusSource(dg.ConfigurableResource):
     def list_shards(self) -> list[Shard]:
         return self.survey()[0]
 
-    def _list_local(self) -> list[Shard]:
+    def _files(self) -> list[tuple[Path, str]]:
+        """Every file under the corpus folder, with its path relative to it."""
         root = self._root
         if not root.is_dir():
             raise FileNotFoundError(f"corpus folder {root} does not exist")
-        return [
-            Shard(shard_key(relative), str(path), path.stat().st_size)
-            for path in sorted(root.rglob("*"))
-            if path.is_file() and _is_shard(relative := path.relative_to(root).as_posix())
-        ]
+        return [(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*")) if p.is_file()]
+
+    def _list_local(self) -> list[Shard]:
+        return [Shard(shard_key(relative), str(path), path.stat().st_size)
+                for path, relative in self._files() if _is_shard(relative)]  # fmt: skip
+
+    def skipped_files(self) -> list[Refused]:
+        """Files under a local corpus folder that are not shards (by name), each with why."""
+        if self._on_s3:
+            return []
+        return [Refused(str(path), "", f"not a shard: bft reads {', '.join(SHARD_SUFFIXES)}")
+                for path, relative in self._files() if not _is_shard(relative)]  # fmt: skip
+
+    def _outside_root(self, shard: Shard) -> str | None:
+        """Why a local shard may not be read: a symlink (of the file or a folder on its way)
+        that leads out of the corpus folder."""
+        if self._on_s3:
+            return None
+        root = self._root
+        if not Path(shard.uri).resolve().is_relative_to(root):
+            return f"it leads outside the corpus folder {root} (to {Path(shard.uri).resolve()})"
+        return None
 
     def _list_s3(self) -> list[Shard]:
         folder = S3Location.parse(self.uri)
@@ -144,7 +161,7 @@ class CorpusSource(dg.ConfigurableResource):
         ShardReadError naming the file, the last whole line and the compressed offset."""
         with contextlib.ExitStack() as stack:
             raw = _CountingReader(stack.enter_context(self._open(shard)))
-            compressed = shard.uri.endswith(".gz")
+            compressed = shard.uri.lower().endswith(".gz")
             handle = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
             line_no = 0
             try:
@@ -172,7 +189,8 @@ class CorpusSource(dg.ConfigurableResource):
 
 
 def _is_shard(relative: str) -> bool:
-    return relative.endswith(SHARD_SUFFIXES) and not relative.rsplit("/", 1)[-1].startswith(".")
+    name = relative.rsplit("/", 1)[-1]
+    return name.lower().endswith(SHARD_SUFFIXES) and not name.startswith(".")
 
 
 class _CountingReader(io.RawIOBase):

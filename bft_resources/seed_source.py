@@ -1,7 +1,12 @@
-"""Reading seed records from local files: oasst message-tree JSONL, flat JSONL or Parquet."""
+"""Reading seed records from local files: oasst message-tree JSONL, flat JSONL or Parquet,
+gzip-compressed or not, a file or a folder of them.
+
+Every file under a seed folder is read or reported as skipped, with its name and why (not a
+seed file by its name, or a symlink that leads out of the folder)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,36 +16,62 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-SEED_SUFFIXES = frozenset({".jsonl", ".json", ".parquet"})
+from bft_resources.uris import parse_location
+
+SEED_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
 class UnreadableFile(Exception):
     """A seed file that cannot be read at all; it is one record, dropped with its reason."""
 
 
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in sorted(SEED_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
 class SeedSource(dg.ConfigurableResource):
     """Where the seed set lives: a file or a folder of files."""
 
     uri: str = Field(
-        description="An oasst *.trees.jsonl file, a flat pairs JSONL/Parquet file, or a folder of them."
+        description="An oasst *.trees.jsonl file, a flat pairs JSONL/Parquet file (.gz too), or a folder of them."
     )
 
+    @property
+    def _path(self) -> Path:
+        return parse_location(self.uri, "seed").path
+
+    def _survey(self) -> tuple[list[Path], list[tuple[str, str]]]:
+        """(files to read, (file, why) for every file not read)."""
+        path = self._path
+        if not path.is_dir():
+            if not path.exists():
+                raise FileNotFoundError(f"seed file {path} does not exist (the instance's seed.uri)")
+            return [path], []
+        root, files, skipped = path.resolve(), [], []
+        for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
+            if not candidate.resolve().is_relative_to(root):
+                skipped.append((str(candidate), f"a symlink that leads outside {root}"))
+            elif _suffix(candidate) is None or candidate.name.startswith("."):
+                skipped.append((str(candidate), f"not a seed file: bft reads {', '.join(SEED_SUFFIXES)}"))
+            else:
+                files.append(candidate)
+        if not files:
+            raise FileNotFoundError(f"no seed files ({', '.join(SEED_SUFFIXES)}) under {path}")
+        return files, skipped
+
     def files(self) -> list[Path]:
-        path = Path(self.uri).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in SEED_SUFFIXES)
-            if not files:
-                raise FileNotFoundError(f"no .jsonl or .parquet seed files under {path}")
-            return files
-        if not path.exists():
-            raise FileNotFoundError(f"seed file {path} does not exist (the instance's seed.uri)")
-        return [path]
+        return self._survey()[0]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """Files of a seed folder that are not read, and why."""
+        return self._survey()[1]
 
     def records(self) -> Iterator[tuple[str, Any]]:
         """(where, record) for every record of every file, in file order; a line that is not
         JSON yields its exception as the record, so the caller counts it as a drop."""
         for path in self.files():
-            if path.suffix == ".parquet":
+            if _suffix(path) == ".parquet":
                 try:
                     frame = pl.read_parquet(path)
                 except Exception as exc:  # one bad file is a counted drop, not the whole seed
@@ -49,11 +80,15 @@ class SeedSource(dg.ConfigurableResource):
                 for i, row in enumerate(frame.iter_rows(named=True), start=1):
                     yield f"{path.name}:{i}", row
                 continue
-            with open(path, "rb") as handle:
-                for i, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{path.name}:{i}", json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        yield f"{path.name}:{i}", exc
+            opener = gzip.open if _suffix(path).endswith(".gz") else open
+            try:
+                with opener(path, "rb") as handle:
+                    for i, line in enumerate(handle, start=1):
+                        if not line.strip():
+                            continue
+                        try:
+                            yield f"{path.name}:{i}", json.loads(line)
+                        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                            yield f"{path.name}:{i}", exc
+            except (OSError, EOFError) as exc:  # a broken gzip stream: what was read stays
+                yield path.name, UnreadableFile(f"{path}: unreadable ({exc})")

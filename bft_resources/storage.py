@@ -35,11 +35,11 @@ from bft_resources.s3 import (
     download_folder,
     download_object,
     head,
-    is_s3,
     list_objects,
     upload_folder,
 )
 from bft_resources.s3 import client as s3_client
+from bft_resources.uris import parse_location
 
 
 class TableReadError(RuntimeError):
@@ -71,28 +71,39 @@ class TableWriter:
     """Appends polars frames to one Parquet file as row groups, so a table of any size is
     written with memory bounded by one batch."""
 
-    def __init__(self, path: Path, schema: pa.Schema | None = None):
+    def __init__(self, path: Path, schema: pa.Schema | None = None, destination: str = ""):
         self._path = path
         self._schema = schema
         self._writer: pq.ParquetWriter | None = None
+        self._destination = destination or str(path)  # what the error names: the table's
         self.rows = 0
+
+    @contextlib.contextmanager
+    def _naming_the_table(self) -> Iterator[None]:
+        """An OS error (a full disk, a lost mount) says which table it was writing."""
+        try:
+            yield
+        except OSError as exc:
+            raise OSError(exc.errno, f"writing {self._destination}: {exc.strerror or exc}") from exc
 
     def write(self, frame: pl.DataFrame) -> None:
         table = frame.to_arrow()
         if self._schema is not None:
             table = table.cast(self._schema)
-        if self._writer is None:
-            self._schema = table.schema
-            self._writer = pq.ParquetWriter(self._path, self._schema, compression="zstd")
-        self._writer.write_table(table)
+        with self._naming_the_table():
+            if self._writer is None:
+                self._schema = table.schema
+                self._writer = pq.ParquetWriter(self._path, self._schema, compression="zstd")
+            self._writer.write_table(table)
         self.rows += frame.height
 
     def close(self) -> None:
-        if self._writer is None and self._schema is not None:
-            # An empty table is still a table: readers get the schema and zero rows.
-            pq.write_table(self._schema.empty_table(), self._path)
-        elif self._writer is not None:
-            self._writer.close()
+        with self._naming_the_table():
+            if self._writer is None and self._schema is not None:
+                # An empty table is still a table: readers get the schema and zero rows.
+                pq.write_table(self._schema.empty_table(), self._path)
+            elif self._writer is not None:
+                self._writer.close()
 
 
 class Storage(dg.ConfigurableResource, ABC):
@@ -208,7 +219,7 @@ class LocalStorage(Storage):
     ) -> Iterator[TableWriter]:
         final = self.path(table_name(asset, partition, suffix))
         with _atomic_file(final) as tmp:
-            writer = TableWriter(tmp, schema)
+            writer = TableWriter(tmp, schema, str(final))
             try:
                 yield writer
             finally:
@@ -325,7 +336,7 @@ class S3Storage(Storage):
         spool = self._cache / ".spool" / f"{uuid.uuid4().hex}.parquet"
         spool.parent.mkdir(parents=True, exist_ok=True)
         try:
-            writer = TableWriter(spool, schema)
+            writer = TableWriter(spool, schema, self._location.child(relative).uri)
             try:
                 yield writer
             finally:
@@ -409,9 +420,6 @@ class S3Storage(Storage):
 
 
 def storage_for(root: str, s3: S3Resource | None) -> Storage:
-    """The storage for a root: ``s3://`` on S3, anything else a local folder."""
-    if is_s3(root):
-        return S3Storage(root=root, s3=s3)
-    if "://" in root and not root.startswith("file://"):
-        raise ValueError(f"storage root {root!r}: use a local folder or s3://bucket/prefix")
-    return LocalStorage(root=root)
+    """The storage for a root (``uris.parse_location``): S3, or a local folder."""
+    location = parse_location(root, "storage")
+    return S3Storage(root=location.uri, s3=s3) if location.on_s3 else LocalStorage(root=location.uri)

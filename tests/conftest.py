@@ -112,3 +112,20 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("BFT_NO_SKIPS") == "1" and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped under BFT_NO_SKIPS=1: {report.longrepr}"
+
+
+VLLM_TESTS = "test_vllm*.py"  # the vLLM environment (make test-vllm) collects these files only
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """A test marked vllm outside tests/test_vllm*.py would run nowhere: the main suite
+    deselects it and the vLLM environment, which lacks the dev extras the other modules
+    import, does not collect its file. Collection fails instead, naming it."""
+    stray = [
+        i.nodeid for i in items if i.get_closest_marker("vllm") and not i.path.match(VLLM_TESTS)
+    ]
+    if stray:
+        raise pytest.UsageError(
+            f"vllm-marked tests belong in tests/{VLLM_TESTS}: {', '.join(stray)}"
+        )

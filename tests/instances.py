@@ -1,8 +1,9 @@
 """Declaring bft instances in tests the way a user does: a dict of YAML attributes resolved
-by the component, then its definitions built, its assets materialized with its own
-resources."""
+by the component, then its definitions built and its assets materialized (the assets hold
+the machinery their declaration resolved into)."""
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import dagster as dg
 
 from bft_assets.component import BackAndForthTranslation
 from bft_assets.graph import build_instance_defs
-from bft_assets.instance import BftInstance
+from bft_assets.instance import Instance
 from bft_assets.specs import DEMO_DATA
 
 
@@ -40,29 +41,29 @@ def attributes(
     return merged(body, overrides)
 
 
-def declare(root: Path, model: str | Path, prefix: str = "t", **overrides: Any) -> BftInstance:
+def declare(root: Path, model: str | Path, prefix: str = "t", **overrides: Any) -> Instance:
     return BackAndForthTranslation.resolve_from_dict(
         attributes(root, model, prefix, **overrides)
     ).instance()
 
 
+def swapped(inst: Instance, **attributes: Any) -> Instance:
+    """The same declaration with some attributes replaced by objects (e.g. a named fault
+    injector as ``engine``), as a subclassing user would."""
+    return dataclasses.replace(inst.decl, **attributes).instance()
+
+
 def materialize(
-    inst: BftInstance,
-    names: list[str],
-    instance: dg.DagsterInstance,
-    swap: dict[str, Any] | None = None,
-    **kwargs: Any,
+    inst: Instance, names: list[str], instance: dg.DagsterInstance, **kwargs: Any
 ) -> dg.ExecuteInProcessResult:
-    """Materialize some of an instance's assets, with the instance's own resources (``swap``
-    replaces some by role, e.g. a named fault injector as ``engine``)."""
+    """Materialize some of an instance's assets."""
     defs = build_instance_defs(inst)
     wanted = {inst.key(n) for n in names}
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.key in wanted]
-    resources = {**defs.resources, **{inst.resource_key(r): v for r, v in (swap or {}).items()}}
-    return dg.materialize(assets, instance=instance, resources=resources, **kwargs)
+    return dg.materialize(assets, instance=instance, **kwargs)
 
 
-def node(inst: BftInstance, name: str) -> str:
+def node(inst: Instance, name: str) -> str:
     """The op name of an asset (what ``asset_materializations_for_node`` takes)."""
     return inst.key(name).to_python_identifier()
 
@@ -93,6 +94,13 @@ def record_built(
     return result.success
 
 
+def observe_recipes(recipes: Any, instance: dg.DagsterInstance) -> None:
+    """Record the declared recipes' versions, as the recipe sensor does every minute."""
+    from dagster._core.definitions.observe import observe
+
+    assert observe([recipes], instance=instance).success
+
+
 def partitions_of(asset: dg.AssetsDefinition, instance: dg.DagsterInstance) -> list[str | None]:
     if asset.partitions_def is None:
         return [None]
@@ -107,6 +115,9 @@ def record_whole_graph(defs: dg.Definitions, instance: dg.DagsterInstance) -> No
     for key in graph.toposorted_asset_keys:
         asset = by_key.get(key)
         if asset is None:
+            continue
+        if key.path[-1] == "recipes":  # observed for real: the recipe declarations' versions
+            observe_recipes(asset, instance)
             continue
         if not asset.is_materializable:
             for shard in partitions_of(asset, instance):
@@ -125,7 +136,7 @@ def place_checkpoint(storage, table: str, recipe: str, source, manifest: dict, s
     finetuned_checkpoint writes: step folders plus the run's index."""
     import shutil
 
-    from bft_assets.training import checkpoint_partition, publish_checkpoints
+    from bft_assets.checkpoint_index import checkpoint_partition, publish_checkpoints
     from bft_resources.checkpoints import write_manifest
     from bft_resources.trainer import TrainingResult
 

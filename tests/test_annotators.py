@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bft_assets.annotators import (
+from bft_assets.evaluation.annotators import (
     ALPACA_EVAL_1,
     ALPACA_EVAL_2,
     BFT,
@@ -17,10 +17,9 @@ from bft_assets.annotators import (
     fill,
     ranking_verdict,
 )
-from bft_assets.evaluation import LOGPROBS, TEXT, read_verdicts, verdict_reading
-from bft_resources.engine import InferenceEngine, Sampling
-from bft_resources.judge import Judge
-from bft_resources.models import ModelResource
+from bft_assets.evaluation.judging import LOGPROBS, TEXT, read_verdicts, verdict_reading
+from bft_resources.engine import EndpointEngine, Sampling, TransformersEngine
+from bft_resources.models import ModelRef
 from bft_resources.trainer import Trainer, TrainingExample, TrainingSettings, train
 
 from servers import transformers_serve
@@ -80,7 +79,7 @@ def test_alpaca_eval_1_reads_the_ranking():
 def test_alpaca_eval_2_verdict_from_a_local_models_logprobs(smollm2):
     reader = annotator(ALPACA_EVAL_2)
     chats = [reader.chat(*PAIR), reader.chat(PAIR[0], PAIR[2], PAIR[1])]
-    with InferenceEngine(dtype="float32").load(smollm2) as model:
+    with TransformersEngine(dtype="float32").load(smollm2) as model:
         assert verdict_reading(model, chats[0], reader) == LOGPROBS
         verdicts = read_verdicts(model, chats, LOGPROBS, reader)
         (logprobs,) = model.option_logprobs(chats[:1], ("m", "M"))
@@ -108,14 +107,12 @@ def test_alpaca_eval_2_verdict_through_an_openai_compatible_server(identifier_ju
         reader.chat("Name a planet.", "Mars.", "Soup."),
         reader.chat("Name a planet.", "Soup.", "Mars."),
     ]
-    with InferenceEngine(dtype="float32").load(str(identifier_judge)) as local:
+    with TransformersEngine(dtype="float32").load(str(identifier_judge)) as local:
         (reply,) = local.generate(chats[:1], Sampling(temperature=0.0, top_p=1.0, max_tokens=1))
     assert reply.text == "M"
     with transformers_serve(identifier_judge, tmp_path / "serve.log") as url:
-        judge = Judge(
-            backend="endpoint", base_url=url, model=ModelResource(model=str(identifier_judge))
-        )
-        with judge.load() as remote:
+        judge = EndpointEngine(base_url=url)
+        with judge.load(ModelRef(model=str(identifier_judge))) as remote:
             assert (
                 verdict_reading(remote, chats[0], reader) == TEXT
             )  # transformers serve returns no logprobs

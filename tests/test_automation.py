@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import dagster as dg
 import pytest
-from instances import partitions_of, record_built
+from instances import observe_recipes, partitions_of, record_built
 
 from bft_assets.definitions import declared_instances, defs
 from bft_assets.graph import build_assets
@@ -15,7 +15,7 @@ from bft_assets.policies import (
     REBUILD_STALE,
 )
 from bft_assets.prompts import SCORE, Prompt
-from bft_assets.specs import ModelSpec
+from bft_resources.models import ModelRef
 
 SHARDS = ["s0", "s1", "s2"]
 SHARD_SET = "demo__corpus_shards"
@@ -33,8 +33,8 @@ def _assets(score_prompt: Prompt = SCORE, rewriter: str | None = None) -> list:
     with another rewriter declared (the demo's declared rewriter is the embedded model)."""
     (inst,) = declared_instances().values()
     if rewriter is not None:
-        models = inst.models.model_copy(update={"rewriter": ModelSpec(model=rewriter)})
-        changed = {a.key: a for a in build_assets(replace(inst, models=models))}
+        models = inst.decl.models.model_copy(update={"rewriter": ModelRef(model=rewriter)})
+        changed = {a.key: a for a in build_assets(replace(inst.decl, models=models).instance())}
     else:
         changed = {}
 
@@ -69,7 +69,7 @@ class Ticks:
 
     def __call__(self, assets: list) -> set[tuple[str, str | None]]:
         result = dg.evaluate_automation_conditions(
-            defs=dg.Definitions(assets=assets, resources=defs.resources),
+            defs=dg.Definitions(assets=assets),
             instance=self.instance,
             cursor=self.cursor,
         )
@@ -91,6 +91,7 @@ def built_graph():
                 dg.AssetObservation(_key("corpus_documents"), partition=shard,
                                     tags={"dagster/data_version": f"v-{shard}"})
             )  # fmt: skip
+        observe_recipes(next(a for a in defs.assets if a.key == _key("recipes")), instance)
         for asset in _materializable():
             for partition in partitions_of(asset, instance):
                 _built(instance, asset.key.path[-1], partition)

@@ -82,7 +82,9 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tokenizer_model):
     home = tmp_path
     (home / "dagster_home").mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster_home" / "dagster.yaml")
+    shutil.copy(
+        REPO / "bft_assets" / "data" / "dagster.yaml", home / "dagster_home" / "dagster.yaml"
+    )
     write_demo_corpus(home / "corpus", shards=len(SHARDS), docs_per_shard=4)
     _train_backward_model(home, tiny_tokenizer_model)
     env = {**os.environ, "DAGSTER_HOME": str(home / "dagster_home"), "BFT_STORAGE": str(home / "storage"),

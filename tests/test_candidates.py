@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bft_assets import candidates as c
+from bft_assets import filters as c
 
 from conftest import MULTILINGUAL_SHARD
 
@@ -109,7 +109,7 @@ def test_no_room_for_a_document_is_a_clear_error():
 
 
 def test_the_key_set_is_exact_across_settling():
-    from bft_assets.candidates import KeySet
+    from bft_assets.filters import KeySet
 
     keys = KeySet(settle_every=4)
     added = [0, 2**64 - 1, 17, 5, 2**63, 99, 3]
@@ -125,8 +125,7 @@ def test_the_key_set_is_exact_across_settling():
 def test_a_document_at_the_budget_fits_every_prompt_it_goes_through(smollm2):
     """At the budget, the backtranslation, scoring and rewriting prompts each fit the base
     model's context with their own generation budget (the rewrite's follows the document)."""
-    from bft_assets.budget import document_budget, rewrite_tokens
-    from bft_assets.corpus import message_tokens
+    from bft_assets.budget import document_budget, message_tokens, rewrite_tokens
     from bft_assets.prompts import BACKTRANSLATE, REWRITE, SCORE
     from bft_assets.specs import GenerationSpec
 

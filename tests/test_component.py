@@ -336,7 +336,7 @@ def test_a_second_instance_reads_the_first_ones_seed_models(tmp_path, tiny_token
                   training={"steps": [1], "batch_size": 4}, engine={"dtype": "float32"})  # fmt: skip
     write_demo_corpus(tmp_path / "c4" / "corpus", shards=1, docs_per_shard=3)
     c4 = declare(tmp_path / "c4", tiny_tokenizer_model, prefix="c4",
-                 seed_models_from={"instance": "web", "storage": web.storage_root},
+                 seed_models_from={"instance": "web", "storage": web.decl.storage},
                  generation={"backtranslation": {"max_new_tokens": 4}})  # fmt: skip
     both = dg.Definitions.merge(build_instance_defs(web), build_instance_defs(c4))
     graph = both.resolve_asset_graph()
@@ -351,7 +351,7 @@ def test_a_second_instance_reads_the_first_ones_seed_models(tmp_path, tiny_token
             c4, [CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance, partition_key=shard
         )
     assert result.success
-    pool = pl.read_parquet(Path(c4.storage_root) / "c4" / BACKTRANSLATED_POOL / f"{shard}.parquet")
+    pool = pl.read_parquet(Path(c4.decl.storage) / "c4" / BACKTRANSLATED_POOL / f"{shard}.parquet")
     assert pool["model"].unique().to_list() == [
-        str(Path(web.storage_root) / "web" / "seed_model" / "backward")
+        str(Path(web.decl.storage) / "web" / "seed_model" / "backward")
     ]

@@ -45,7 +45,9 @@ def test_a_killed_run_releases_its_partition_and_the_next_run_resumes(
 ):
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the shipped instance config
+    shutil.copy(
+        REPO / "bft_assets" / "data" / "dagster.yaml", home / "dagster.yaml"
+    )  # the shipped instance config
     write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=12)
     model = str(tiny_tokenizer_model)
     overrides = {"models": {"backward": model}, "generation": SLOW_GENERATION}

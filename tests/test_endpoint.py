@@ -4,13 +4,13 @@ injected by a proxy in front of it."""
 import dagster as dg
 import polars as pl
 import pytest
-from instances import declare, materialize, node
+from instances import declare, materialize, node, swapped
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
 from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES
 from bft_resources.corpus import CorpusSource
-from bft_resources.engine import Chat, InferenceEngine, LogprobsUnavailable, Sampling
+from bft_resources.engine import Chat, EndpointEngine, LogprobsUnavailable, Sampling
 from bft_resources.engine.endpoint import EndpointError
 
 from servers import FaultInjectingProxy, transformers_serve
@@ -32,10 +32,10 @@ def proxy(server):
     injector.close()
 
 
-def _engine(url: str, smollm2, **overrides) -> InferenceEngine:
-    settings = dict(backend="endpoint", base_url=url, served_model=str(smollm2.local_path()),
+def _engine(url: str, smollm2, **overrides) -> EndpointEngine:
+    settings = dict(base_url=url, served_model=str(smollm2.local_path()),
                     max_concurrency=2, max_retries=4, timeout_s=1.0, retry_backoff_s=0.01)  # fmt: skip
-    return InferenceEngine(**(settings | overrides))
+    return EndpointEngine(**(settings | overrides))
 
 
 def test_generates_through_a_real_openai_compatible_server(server, smollm2):
@@ -88,16 +88,16 @@ def test_an_outage_mid_shard_keeps_finished_batches(proxy, smollm2, tmp_path):
             ["forward", "forward"],
             "503",
         )  # batch 1 answers, then an outage
-        failed = materialize(inst, [BACKTRANSLATED_POOL], instance, swap={"engine": engine},
+        failed = materialize(swapped(inst, engine=engine), [BACKTRANSLATED_POOL], instance,
                              partition_key=shard, raise_on_error=False)  # fmt: skip
         assert not failed.success
         error = failed.get_step_failure_events()[0].step_failure_data.error
         assert "HTTP 503" in str(error.cause or error)
         proxy.always = None  # the server is back
         resumed = materialize(
-            inst, [BACKTRANSLATED_POOL], instance, swap={"engine": engine}, partition_key=shard
+            swapped(inst, engine=engine), [BACKTRANSLATED_POOL], instance, partition_key=shard
         )
     meta = resumed.asset_materializations_for_node(node(inst, BACKTRANSLATED_POOL))[0].metadata
     assert meta["rows_reused"].value == 2
     pool = pl.read_parquet(tmp_path / "storage" / "t" / BACKTRANSLATED_POOL / f"{shard}.parquet")
-    assert pool.height == meta["rows_in"].value and pool["raw_instruction"].null_count() == 0
+    assert pool.height == meta["rows"].value and pool["raw_instruction"].null_count() == 0

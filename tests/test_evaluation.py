@@ -8,23 +8,22 @@ import polars as pl
 import pytest
 from instances import declare, materialize, node, place_checkpoint
 
-from bft_assets.annotators import first_digit_verdict
-from bft_assets.evaluation import (
+from bft_assets.evaluation.annotators import BFT, annotator, first_digit_verdict
+from bft_assets.evaluation.data_metrics import diversity
+from bft_assets.evaluation.judging import (
     LOGPROBS,
     TEXT,
     UNREAD,
-    _judge_all,
     combine_orders,
-    diversity,
+    judge_all,
     judgement_key,
     read_verdicts,
     verdict_reading,
 )
 from bft_assets.instance import EVAL_SCORES, FINETUNED_CHECKPOINT, REWRITTEN_DATASET
-from bft_resources.engine import Chat, InferenceEngine
+from bft_resources.engine import Chat, EndpointEngine, TransformersEngine
 from bft_resources.engine.endpoint import EndpointError
-from bft_resources.judge import Judge
-from bft_resources.models import ModelResource
+from bft_resources.models import ModelRef
 from bft_resources.storage import LocalStorage
 
 from servers import FaultInjectingProxy, transformers_serve
@@ -43,18 +42,11 @@ def test_verdicts_from_text_and_both_orders():
 
 
 def test_judgement_key_changes_with_any_input():
-    base = judgement_key("q", "a", "r", "local:m")
-    assert base == judgement_key("q", "a", "r", "local:m")
-    assert (
-        len(
-            {
-                base,
-                judgement_key("q", "a2", "r", "local:m"),
-                judgement_key("q", "a", "r", "local:m2"),
-            }
-        )
-        == 3
-    )
+    base = judgement_key("q", "a", "r", "transformers:m", "v1")
+    assert base == judgement_key("q", "a", "r", "transformers:m", "v1")
+    others = {judgement_key("q", "a2", "r", "transformers:m", "v1"), judgement_key("q", "a", "r", "vllm:m", "v1"),
+              judgement_key("q", "a", "r", "transformers:m", "v2")}  # fmt: skip
+    assert len({base, *others}) == 4
 
 
 def test_diversity_counts_at_equal_sample_size():
@@ -66,7 +58,7 @@ def test_diversity_counts_at_equal_sample_size():
 
 
 def test_local_judge_reads_logprobs(tiny_tokenizer_model):
-    with InferenceEngine(dtype="float32").load(str(tiny_tokenizer_model)) as model:
+    with TransformersEngine(dtype="float32").load(str(tiny_tokenizer_model)) as model:
         assert verdict_reading(model, Chat("Pick 1 or 2")) == LOGPROBS
         probs = read_verdicts(model, [Chat("Which is better? 1 or 2"), Chat("Pick 1 or 2")])
     assert len(probs) == 2 and all(0.0 <= p <= 1.0 for p in probs)
@@ -91,9 +83,9 @@ def test_endpoint_judge_survives_faults_and_keeps_what_it_judged(server, smollm2
     try:
         # The timeout sits well above a real answer's latency: a hung request still reaches
         # the server afterwards and occupies it for a moment.
-        judge = Judge(backend="endpoint", base_url=proxy.url, model=ModelResource(model=str(smollm2.local_path())),
-                      max_concurrency=1,
-                      max_retries=4, timeout_s=5.0, retry_backoff_s=0.01)  # fmt: skip
+        judge = EndpointEngine(base_url=proxy.url, max_concurrency=1, max_retries=4, timeout_s=5.0,
+                               retry_backoff_s=0.01)  # fmt: skip
+        model = ModelRef(model=str(smollm2.local_path()))
         cache: dict = {}
         saved: list[int] = []
         # The first request (the logprobs probe) meets a 429, a 500, a timeout and a dropped
@@ -101,9 +93,15 @@ def test_endpoint_judge_survives_faults_and_keeps_what_it_judged(server, smollm2
         # orders: 4 requests) is answered; then the endpoint goes down for good.
         proxy.script = ["429", "500", "timeout", "drop"]
         proxy.forwards_left, proxy.always = 5, "503"
-        with pytest.raises(EndpointError, match="HTTP 503"):
-            _judge_all(
-                judge, PAIRS, cache, lambda: saved.append(len(cache)), batch=2, log=lambda m: None
+        with pytest.raises(EndpointError, match="HTTP 503"), judge.load(model) as loaded:
+            judge_all(
+                loaded,
+                PAIRS,
+                cache,
+                lambda: saved.append(len(cache)),
+                2,
+                annotator(BFT),
+                lambda m: None,
             )
         assert proxy.seen[:9] == ["429", "500", "timeout", "drop"] + ["forward"] * 5
         assert saved == [2] and len(cache) == 2  # the first batch was judged and saved
@@ -112,9 +110,17 @@ def test_endpoint_judge_survives_faults_and_keeps_what_it_judged(server, smollm2
         assert {how for _, _, how in cache.values()} <= {TEXT, UNREAD}
 
         proxy.always, proxy.forwards_left, proxy.seen = None, None, []
-        _judge_all(
-            judge, PAIRS, cache, lambda: saved.append(len(cache)), batch=2, log=lambda m: None
-        )
+        todo = PAIRS.filter(~pl.col("judgement_key").is_in(list(cache)))
+        with judge.load(model) as loaded:
+            judge_all(
+                loaded,
+                todo,
+                cache,
+                lambda: saved.append(len(cache)),
+                2,
+                annotator(BFT),
+                lambda m: None,
+            )
         assert (
             len(cache) == 4 and len(proxy.seen) == 1 + 4
         )  # the probe, then the 2 missing pairs twice
@@ -185,7 +191,7 @@ def test_one_suffix_is_chosen_across_recipes_on_average(tmp_path):
     """The paper keeps the suffix with the higher win rate on average over the compared
     models: filtering is better with its own best suffix, but every recipe is reported under
     the one that wins on average, and both suffixes' scores stay in the summaries."""
-    from bft_assets.evaluation import recipe_summaries
+    from bft_assets.evaluation.asset import recipe_summaries
 
     inst = declare(tmp_path, "m", recipes=[{"name": "filtering", "responses": "web", "min_score": 5},
                                            {"name": "rewriting", "responses": "rewrite"}])  # fmt: skip

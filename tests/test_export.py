@@ -6,12 +6,12 @@ import polars as pl
 import pytest
 from instances import declare
 
+from bft_assets.checkpoint_index import checkpoint_partition, publish_checkpoints
 from bft_assets.cli import main
 from bft_assets.export import export_recipe
 from bft_assets.instance import FINETUNED_CHECKPOINT
 from bft_assets.prompts import SEED_TAG, WEB_TAG
-from bft_assets.training import checkpoint_partition, publish_checkpoints
-from bft_resources.engine import Chat, InferenceEngine, Sampling
+from bft_resources.engine import Chat, Sampling, TransformersEngine
 from bft_resources.storage import LocalStorage
 from bft_resources.trainer import Trainer, TrainingExample, TrainingSettings, train
 
@@ -60,7 +60,7 @@ def test_export_writes_every_format_and_a_loadable_model(exported_storage, inst,
     assert pl.read_parquet(out / "train.parquet").equals(TRAINING_SET)
     card = (out / "README.md").read_text()
     assert "recipe `filtering`" in card and "| seed (tagged" in card and "ODC-BY" in card
-    with InferenceEngine(dtype="float32").load(written["model"]) as model:
+    with TransformersEngine(dtype="float32").load(written["model"]) as model:
         (reply,) = model.generate([Chat("Say hi.")], Sampling(temperature=0.0, max_tokens=4))
     assert reply.prompt_tokens > 0
 

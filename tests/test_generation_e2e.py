@@ -15,8 +15,8 @@ from bft_assets.instance import (
     REWRITTEN_DATASET,
     SCORED_POOL,
 )
-from bft_assets.rewriting import NOT_SELECTED, OK, REWRITE_STATUSES, TRUNCATED
-from bft_assets.scoring import NO_SCORE
+from bft_assets.recipes import REWRITE_OK as OK
+from bft_assets.replies import NO_SCORE, NOT_SELECTED, REWRITE_STATUSES, TRUNCATED
 from bft_resources.corpus import CorpusSource
 
 STAGES = [
@@ -26,7 +26,6 @@ STAGES = [
     SCORED_POOL,
     REWRITTEN_DATASET,
 ]
-
 
 def _setup(tmp_path, model: str, docs: int, **overrides):
     write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=docs)

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from instances import declare, materialize, node
 
-from bft_assets import candidates as c
+from bft_assets import filters as c
 from bft_assets.corpus import discover_shards
 from bft_assets.graph import OBSERVE_CORPUS_JOB, build_instance_defs
 from bft_assets.instance import CANDIDATE_RESPONSES, CORPUS_DOCUMENTS, SEED_EXAMPLES

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bft_assets.metrics import length_controlled_win_rate, unique_trigrams, win_rate
+from bft_assets.evaluation.data_metrics import unique_trigrams
+from bft_assets.evaluation.win_rates import length_controlled_win_rate, win_rate
 
 from conftest import SHARED_DATA
 
@@ -103,7 +104,7 @@ def test_alpaca_eval_2_for_humpback_with_the_instruction_difficulty(humpback, sh
     with the shipped difficulties and with ones fitted without Humpback's own verdicts."""
     import polars as pl
 
-    from bft_assets.lc import annotations_lc, difficulty_table, lc_scores
+    from bft_assets.evaluation.lc import annotations_lc, difficulty_table, lc_scores
 
     published = _leaderboard("Humpback LLaMa2 70B")
     shipped = annotations_lc(ALPACA / HUMPBACK_ANNOTATIONS)
@@ -126,7 +127,7 @@ def test_alpaca_eval_2_for_humpback_with_the_instruction_difficulty(humpback, sh
 def test_the_shipped_difficulties_are_the_fit_of_the_shared_annotations(shared_data):
     import polars as pl
 
-    from bft_assets.lc import difficulty_table, shipped_difficulty
+    from bft_assets.evaluation.lc import difficulty_table, shipped_difficulty
 
     compact = pl.read_parquet(ALPACA / "alpaca_eval2_annotations_compact.parquet")
     instructions = [
@@ -182,7 +183,7 @@ def _mauve_frames():
 
 
 def test_mauve_compares_answers_to_the_same_instructions_beside_a_distilled_control():
-    from bft_assets.evaluation import mauve_scores
+    from bft_assets.evaluation.data_metrics import mauve_scores
     from bft_resources.embeddings import Embedder
 
     pool, generated = _mauve_frames()
@@ -207,7 +208,7 @@ def test_mauve_with_a_gpt2_featurizer_as_the_paper(tmp_path, tiny_tokenizer_mode
 
     from transformers import GPT2Config, GPT2Model
 
-    from bft_assets.evaluation import mauve_scores
+    from bft_assets.evaluation.data_metrics import mauve_scores
     from bft_resources.embeddings import Embedder
 
     folder = tmp_path / "tiny-gpt2"

@@ -4,18 +4,18 @@ import contextlib
 
 import dagster as dg
 import polars as pl
-from instances import declare, materialize, node
+from instances import declare, materialize, node, swapped
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
 from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES, CORPUS_DOCUMENTS
 from bft_resources.corpus import CorpusSource
-from bft_resources.engine import InferenceEngine
+from bft_resources.engine import TransformersEngine
 
 CALLS: list[list[str]] = []
 
 
-class FaultInjectingEngine(InferenceEngine):
+class FaultInjectingEngine(TransformersEngine):
     """Fault injector: a real engine whose model raises after ``fail_after`` generate calls
     (a crash mid-shard cannot be provoked on a healthy model otherwise). It records what
     each call was asked to generate."""
@@ -23,8 +23,8 @@ class FaultInjectingEngine(InferenceEngine):
     fail_after: int = -1
 
     @contextlib.contextmanager
-    def load(self, model, fallback=None):
-        with super().load(model, fallback) as loaded:
+    def load(self, model, fallback=None, log=print):
+        with super().load(model, fallback, log) as loaded:
             real_generate = loaded.generate
 
             def generate(chats, sampling):
@@ -48,17 +48,17 @@ def test_a_crash_loses_only_the_batch_in_flight(tmp_path, tiny_tokenizer_model):
             CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name
         )
         CALLS.clear()
-        crashed = materialize(inst, [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance,
-                              swap={"engine": FaultInjectingEngine(fail_after=2)}, partition_key=shard,
-                              raise_on_error=False)  # fmt: skip
+        crashed = materialize(swapped(inst, engine=FaultInjectingEngine(fail_after=2)),
+                              [CORPUS_DOCUMENTS, CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance,
+                              partition_key=shard, raise_on_error=False)  # fmt: skip
         assert not crashed.success
         done_before = [p for call in CALLS for p in call]
         assert len(CALLS) == 2 and len(done_before) == 6
         assert not (storage / BACKTRANSLATED_POOL / f"{shard}.parquet").exists()
 
         CALLS.clear()
-        resumed = materialize(inst, [BACKTRANSLATED_POOL], instance, partition_key=shard,
-                              swap={"engine": FaultInjectingEngine()})  # fmt: skip
+        resumed = materialize(swapped(inst, engine=FaultInjectingEngine()), [BACKTRANSLATED_POOL], instance,
+                              partition_key=shard)  # fmt: skip
     assert resumed.success
     redone = [p for call in CALLS for p in call]
     assert not set(redone) & set(done_before), "a finished batch was generated again"

@@ -1,26 +1,22 @@
 import pytest
 
-from bft_assets.backtranslation import (
+from bft_assets.prompts import REWRITE, SCORE, neutralize
+from bft_assets.recipes import REWRITE_OK as OK
+from bft_assets.replies import (
+    CONTAINS_MARKERS,
     EMPTY,
     LONGER_THAN_RESPONSE,
+    NO_MARKERS,
     REPEATED_NGRAMS,
     SAME_AS_FIRST_LINE,
-    clean_instruction,
-    instruction_flag,
-)
-from bft_assets.prompts import REWRITE, SCORE, neutralize
-from bft_assets.rewriting import (
-    CONTAINS_MARKERS,
-    NO_MARKERS,
-    OK,
     TRUNCATED,
     UNCLOSED,
+    clean_instruction,
     extract_rewrite,
+    instruction_flag,
+    parse_score,
 )
-from bft_assets.rewriting import (
-    EMPTY as REWRITE_EMPTY,
-)
-from bft_assets.scoring import parse_score
+from bft_assets.replies import EMPTY as REWRITE_EMPTY
 
 RESPONSE = (
     "Photosynthesis\nPlants turn light into chemical energy using chlorophyll in their leaves."

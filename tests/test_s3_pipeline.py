@@ -12,7 +12,7 @@ from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
 from bft_assets.graph import build_instance_defs
 from bft_resources.corpus import CorpusSource
-from bft_resources.models import ModelResource, model_cache_dir
+from bft_resources.models import ModelRef, model_cache_dir
 from bft_resources.storage import S3Storage
 
 FAST_TRAINING = {"learning_rate": 3e-3, "steps": [2], "batch_size": 4, "dropout": 0.0}
@@ -37,7 +37,7 @@ def test_a_model_reference_on_s3_downloads_once_per_version(
 ):
     monkeypatch.setenv("BFT_MODEL_CACHE", str(tmp_path / "models"))
     uri = _upload_folder(s3, tiny_tokenizer_model, "models/tiny")
-    model = ModelResource(model=uri, s3=s3.resource)
+    model = ModelRef(model=uri, s3=s3.resource)
     first = model.local_path()
     assert first.is_relative_to(model_cache_dir())
     assert (first / "config.json").read_bytes() == (

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from bft_assets.scoring import NO_SCORE, OUT_OF_RANGE, parse_score, score_from_logprobs
+from bft_assets.replies import NO_SCORE, OUT_OF_RANGE, parse_score, score_from_logprobs
 
 # Replies in the shapes models write them (Llama-2-chat, Mistral, small instruct models).
 REPLIES = [

@@ -2,7 +2,7 @@ import json
 
 import polars as pl
 
-from bft_assets import seed
+from bft_assets import seed_records as seed
 from bft_resources.seed_source import SeedSource
 
 from conftest import OASST_TREES

@@ -7,16 +7,17 @@ import polars as pl
 import pytest
 from instances import declare, materialize, merged, node
 
+from bft_assets.checkpoint_index import read_checkpoint_index
 from bft_assets.instance import FINETUNED_CHECKPOINT, REWRITTEN_DATASET, SEED_EXAMPLES, SEED_MODEL
 from bft_assets.prompts import BACKTRANSLATE, SEED_TAG, WEB_TAG
-from bft_assets.seed_model import seed_training_examples
-from bft_assets.specs import PAPER_RECIPES, RecipeSpec
-from bft_assets.training import (
+from bft_assets.recipes import (
+    PAPER_RECIPES,
+    Recipe,
     assemble_training_set,
     chat_jsonl,
     generated_pairs,
-    read_checkpoint_index,
 )
+from bft_assets.seed_model import seed_training_examples
 from bft_resources.storage import LocalStorage
 from bft_resources.trainer import MANIFEST
 
@@ -57,11 +58,11 @@ def test_each_recipe_selects_what_it_must(recipe, expected):
 
 
 def test_a_recipe_declared_in_yaml_selects_at_its_own_threshold():
-    at_least_3 = RecipeSpec(name="filtering_3", responses="web", min_score=3)
+    at_least_3 = Recipe(name="filtering_3", responses="web", min_score=3)
     pairs = generated_pairs(_rewritten(), at_least_3)
     assert pairs["id"].to_list() == ["pass-ok", "pass-fail", "fail-ok", "pass-ok-2"]
     with pytest.raises(ValueError, match="scores run from 1 to 5"):
-        RecipeSpec(name="x", responses="web", min_score=6)
+        Recipe(name="x", responses="web", min_score=6)
 
 
 def test_upstream_stages_do_what_the_declared_recipes_need(tmp_path):
@@ -69,17 +70,17 @@ def test_upstream_stages_do_what_the_declared_recipes_need(tmp_path):
     it only pairs at the lowest declared threshold are; without a distilled recipe nothing
     is distilled."""
     paper = declare(tmp_path, "m")
-    assert paper.rewrite_floor == (True, None) and paper.distill_floor == (True, 5)
+    assert paper.needs("rewrite") == (True, None) and paper.needs("distilled") == (True, 5)
     filtered = declare(tmp_path, "m", recipes=[
         {"name": "filtering_rewriting", "responses": "rewrite", "min_score": 5},
         {"name": "fr4", "responses": "rewrite", "min_score": 4}])  # fmt: skip
-    assert filtered.rewrite_floor == (True, 4) and filtered.distill_floor == (False, None)
+    assert filtered.needs("rewrite") == (True, 4) and filtered.needs("distilled") == (False, None)
 
 
 def test_training_set_tags_every_row_by_source_and_samples_deterministically():
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
 
-    def sampled(seed: int) -> RecipeSpec:
+    def sampled(seed: int) -> Recipe:
         return RECIPES["filtering"].model_copy(update={"generated_size": 7, "sample_seed": seed})
 
     first = assemble_training_set(SEED, rewritten, sampled(1))
@@ -206,8 +207,8 @@ def test_checkpoints_at_declared_steps_are_each_evaluated_and_never_overwritten(
 ):
     """The paper's step protocol: one run, a checkpoint at each declared step, eval_scores
     reporting every step and the best; a re-run writes new folders beside the evaluated ones."""
+    from bft_assets.checkpoint_index import manifest_sha256
     from bft_assets.instance import EVAL_SCORES
-    from bft_assets.training import manifest_sha256
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps({"instruction": f"Name thing {i}.", "output": f"Thing {i}."}) + "\n"

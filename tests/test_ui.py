@@ -36,7 +36,9 @@ def dagster_ui(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install '.[dev]')")
     home = tmp_path_factory.mktemp("ui")
     (home / "dagster_home").mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster_home" / "dagster.yaml")
+    shutil.copy(
+        REPO / "bft_assets" / "data" / "dagster.yaml", home / "dagster_home" / "dagster.yaml"
+    )
     write_demo_corpus(home / "corpus", shards=1, docs_per_shard=4)
     env = {**os.environ, "DAGSTER_HOME": str(home / "dagster_home"), "BFT_STORAGE": str(home / "storage"),
            "BFT_CORPUS_URI": str(home / "corpus")}  # fmt: skip

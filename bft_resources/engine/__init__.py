@@ -7,9 +7,9 @@
 A new backend is one module with one ``Engine`` subclass, added to ``EngineSpec``.
 """
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, TypeAdapter
+from pydantic import Discriminator, Tag, TypeAdapter
 
 from bft_resources.engine.base import (
     Chat,
@@ -24,10 +24,21 @@ from bft_resources.engine.endpoint import EndpointEngine
 from bft_resources.engine.transformers import TransformersEngine
 from bft_resources.engine.vllm import VllmEngine
 
-EngineSpec = Annotated[
-    TransformersEngine | VllmEngine | EndpointEngine, Field(discriminator="backend")
-]
 BACKENDS = ("transformers", "vllm", "endpoint")
+
+
+def _backend(value: Any) -> str:
+    """The backend a declaration names; transformers where it names none."""
+    found = value.get("backend") if isinstance(value, dict) else getattr(value, "backend", None)
+    return found or "transformers"
+
+
+EngineSpec = Annotated[
+    Annotated[TransformersEngine, Tag("transformers")]
+    | Annotated[VllmEngine, Tag("vllm")]
+    | Annotated[EndpointEngine, Tag("endpoint")],
+    Discriminator(_backend),
+]
 
 
 def engine_from(value: object) -> Engine:

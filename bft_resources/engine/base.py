@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import dagster as dg
-from pydantic import ConfigDict
+from pydantic import ConfigDict, model_validator
 
+from bft_resources.bounds import check_bounds
 from bft_resources.models import ModelRef
 
 # A rendering for models that have no chat template (the caller's choice, e.g. Llama-2's).
@@ -140,6 +141,11 @@ class Engine(dg.ConfigurableResource, ABC):
 
     # A misspelt setting fails when the declaration loads, naming it.
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _within_bounds(self) -> Engine:
+        check_bounds(self)
+        return self
 
     @abstractmethod
     def _open(self, model: ModelRef, fallback: FallbackFormat | None, log: Log) -> LoadedModel:

@@ -18,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import dagster as dg
+import requests
 from pydantic import Field
 
+from bft_resources.bounds import bounded
 from bft_resources.engine.base import (
     Chat,
     Engine,
@@ -37,6 +39,30 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 60.0  # a server asking for more is waited on this long, then tried again
 _BODY_EXCERPT = 200
 _SECRET_LIKE = re.compile(r"(?i)(bearer\s+|api[_-]?key\W{1,3}|sk-)[\w.\-]{6,}")
+# A piece of the configured key this long or longer is redacted wherever it appears (a server
+# may echo a key cut short); shorter runs are too common to tell from ordinary text.
+MIN_KEY_PIECE = 8
+REDACTED = "[redacted]"
+
+
+def without_key(text: str, key: str, piece: int = MIN_KEY_PIECE) -> str:
+    """``text`` with every run of ``piece`` or more characters that occurs in ``key``
+    replaced, the whole key included."""
+    if len(key) < piece:
+        return text.replace(key, REDACTED) if key else text
+    windows = sorted({key[i : i + piece] for i in range(len(key) - piece + 1)})
+    spans: list[list[int]] = []
+    for found in re.finditer("|".join(map(re.escape, windows)), text):
+        start, end = found.start(), found.end()
+        while end < len(text) and text[start : end + 1] in key:
+            end += 1
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    for start, end in reversed(spans):
+        text = text[:start] + REDACTED + text[end:]
+    return text
 
 
 class EndpointError(RuntimeError):
@@ -48,7 +74,9 @@ class EndpointEngine(Engine):
     API, ``transformers serve``): bounded concurrency, retries with backoff."""
 
     backend: Literal["endpoint"] = "endpoint"
-    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1", examples=["https://api.openai.com/v1"])
+    base_url: str = Field(
+        description="e.g. http://127.0.0.1:8000/v1", examples=["https://api.openai.com/v1"]
+    )
     api_key_env: str | None = Field(
         default=None,
         description="NAME of the environment variable holding the key (read as a dagster EnvVar when a step "
@@ -58,11 +86,11 @@ class EndpointEngine(Engine):
     served_model: str | None = Field(
         default=None, description="The model's name on the server (default: the model reference)."
     )
-    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once.")
-    max_retries: int = Field(default=5, ge=0, description="Retries on 429/5xx/timeouts.")
-    timeout_s: float = Field(default=120.0, gt=0, description="Seconds per request.")
-    retry_backoff_s: float = Field(
-        default=0.5, ge=0, description="First retry delay, doubled each retry, jittered."
+    max_concurrency: int = bounded(8, ge=1, description="Requests in flight at once.")
+    max_retries: int = bounded(5, ge=0, description="Retries on 429/5xx/timeouts.")
+    timeout_s: float = bounded(120.0, gt=0, description="Seconds per request.")
+    retry_backoff_s: float = bounded(
+        0.5, ge=0, description="First retry delay, doubled each retry, jittered."
     )
 
     def describe(self) -> str:
@@ -104,11 +132,12 @@ class EndpointClient:
         self.served_models: set[str] = set()  # what the server says answered
 
     def redact(self, text: str) -> str:
-        """Text from a server made safe for an error message and a log: the configured key,
-        and anything shaped like a key or a bearer token, removed."""
+        """Text from a server made safe for an error message and a log: the configured key
+        (or any piece of it of MIN_KEY_PIECE characters or more), and anything shaped like a
+        key or a bearer token, removed. Redact first, cut after: a cut can split a key."""
         if self._secret:
-            text = text.replace(self._secret, "[redacted]")
-        return _SECRET_LIKE.sub(r"\1[redacted]", text)
+            text = without_key(text, self._secret)
+        return _SECRET_LIKE.sub(r"\1" + REDACTED, text)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
@@ -128,7 +157,7 @@ class EndpointClient:
                 retry_after = response.headers.get("Retry-After")
                 continue
             if response.status_code >= 400:
-                excerpt = self.redact(response.text[:_BODY_EXCERPT])
+                excerpt = self.redact(response.text)[:_BODY_EXCERPT]
                 raise EndpointError(f"{url} answered HTTP {response.status_code}: {excerpt}")
             try:
                 reply = response.json()

@@ -66,3 +66,15 @@ def special_strings(tokenizer) -> list[str]:
     tokens = set(tokenizer.all_special_tokens)
     tokens.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
     return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def strip_special(text: str, specials: Sequence[str]) -> str:
+    """``text`` without the tokenizer's control strings, removed until none is left: one pass
+    would let ``<|im_e<|im_start|>nd|>`` reassemble into ``<|im_end|>``."""
+    while True:
+        cleaned = text
+        for token in specials:
+            cleaned = cleaned.replace(token, "")
+        if cleaned == text:
+            return text
+        text = cleaned

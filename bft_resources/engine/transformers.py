@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from bft_resources.bounds import bounded
 from bft_resources.engine.base import (
     Chat,
     Engine,
@@ -24,7 +25,7 @@ from bft_resources.engine.base import (
     same_but_length,
 )
 from bft_resources.engine.rendering import option_token_ids, prompts_token_ids, special_strings
-from bft_resources.models import ModelRef
+from bft_resources.models import ModelRef, load_tokenizer
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -33,7 +34,7 @@ class TransformersEngine(Engine):
     """Batched ``generate`` with transformers, on a CPU or one GPU."""
 
     backend: Literal["transformers"] = "transformers"
-    batch_size: int = Field(default=8, ge=1, description="Prompts per generate call.")
+    batch_size: int = bounded(8, ge=1, description="Prompts per generate call.")
     device: str = Field(default="auto", description="cpu, cuda, cuda:1 ... or auto (a GPU if there is one).")  # fmt: skip
     dtype: Dtype = Field(
         default="auto",
@@ -111,13 +112,13 @@ class TransformersModel(LoadedModel):
         context_window: int | None = None,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.reference = reference
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.fallback = fallback
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -126,7 +127,9 @@ class TransformersModel(LoadedModel):
         ).to(self.device)
         self.model.eval()
         self._torch = torch
-        self._context = context_window or getattr(self.model.config, "max_position_embeddings", None)
+        self._context = context_window or getattr(
+            self.model.config, "max_position_embeddings", None
+        )
 
     def special_tokens(self) -> list[str]:
         return special_strings(self.tokenizer)
@@ -240,4 +243,3 @@ def _trim_after_eos(tokens: list[int], eos: set[int], pad: int | None) -> list[i
         if token in eos or token == pad:
             return tokens[:position]
     return tokens
-

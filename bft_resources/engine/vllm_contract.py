@@ -21,7 +21,9 @@ _SOURCES = {
     "vllm.SamplingParams": ("vllm/sampling_params.py", "SamplingParams", None),
     "vllm.inputs.TokensPrompt": ("vllm/inputs/llm.py", "TokensPrompt", None),
     "vllm.v1.engine.core_client.EngineCoreClient.shutdown": (
-        "vllm/v1/engine/core_client.py", "EngineCoreClient", "shutdown",
+        "vllm/v1/engine/core_client.py",
+        "EngineCoreClient",
+        "shutdown",
     ),
 }
 _ENGINE_ARGS = ("vllm/engine/arg_utils.py", "EngineArgs")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from bft_assets.metrics import length_controlled_win_rate, win_rate
+from bft_assets.evaluation.win_rates import length_controlled_win_rate, win_rate
 
 BASELINE = "gpt4_1106_preview"  # AlpacaEval 2's reference outputs (output_1)
 DIFFICULTY_L2 = 1.0  # ridge on the difficulties: identifies them up to the model biases

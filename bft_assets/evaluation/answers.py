@@ -1,0 +1,71 @@
+"""The answers an evaluation compares: the fine-tuned model's to every instruction with each
+suffix, and the references (the eval set's own outputs, or the untuned base model's, made
+once per instance)."""
+
+import hashlib
+
+import polars as pl
+
+from bft_assets.prompts import EVAL_TAGS
+from bft_assets.recipes import tag
+from bft_assets.specs import DEMO_DATA, EvalSpec
+from bft_assets.stage import ROW_ID, Pass, StageRun
+from bft_resources.engine import Chat, LoadedModel, Sampling
+from bft_resources.eval_source import EvalSetSource
+
+
+def eval_set(spec: EvalSpec) -> tuple[pl.DataFrame, int]:
+    """The evaluation instructions (keyed by their index) and how many repeats were dropped."""
+    from bft_assets.demo import demo_eval_path
+
+    uri = str(demo_eval_path()) if spec.uri == DEMO_DATA else spec.uri
+    loaded = EvalSetSource(uri=uri, limit=spec.limit).load()
+    return loaded.rows.with_columns(
+        pl.col("index").cast(pl.String).alias(ROW_ID)
+    ), loaded.duplicates_dropped
+
+
+def answer_pass(suffix: str, sampling: Sampling, batch_rows: int, asked: str = "") -> Pass:
+    """Answers to the evaluation instructions with one suffix (``asked``: a digest of the
+    instructions, so resumed answers are answers to these very ones)."""
+
+    def answer(model: LoadedModel, rows: pl.DataFrame) -> pl.DataFrame:
+        replies = model.generate(
+            [Chat(tag(i, EVAL_TAGS[suffix])) for i in rows["instruction"]], sampling
+        )
+        tokens = pl.Series([r.completion_tokens for r in replies], dtype=pl.Int64)
+        return pl.DataFrame({ROW_ID: rows[ROW_ID], "answer": [r.text.strip() for r in replies], "answer_tokens": tokens,
+                             "prompt_tokens": pl.Series([r.prompt_tokens for r in replies], dtype=pl.Int64),
+                             "completion_tokens": tokens})  # fmt: skip
+
+    return Pass(suffix, answer, batch_rows, f"{sampling};{asked}", "answers")
+
+
+def references(
+    run: StageRun, spec: EvalSpec, rows: pl.DataFrame, sampling: Sampling
+) -> pl.DataFrame:
+    """Reference answers: the eval set's own, or the untuned base model's, made once per
+    instance (every recipe compares against the same ones) and kept."""
+    if spec.reference == "dataset":
+        if missing := rows.filter(pl.col("reference").is_null()).height:
+            raise ValueError(
+                f"{missing} evaluation rows have no reference output; set reference: base_model"
+            )
+        return rows.select(ROW_ID, "reference")
+    base = run.inst.model("base")
+    key = hashlib.sha256(
+        f"{base.reference};{sampling};{rows['instruction'].to_list()}".encode()
+    ).hexdigest()[:12]
+    if run.storage.exists(run.table, "_references", key):
+        return run.storage.read(run.table, "_references", key)
+    with run.load(run.inst.engine(), base) as model:
+        answers = run.run_pass(
+            model,
+            answer_pass("assistant", sampling, spec.batch_rows),
+            rows,
+            base.reference,
+            "reference",
+        )
+    made = answers.select(ROW_ID, pl.col("answer").alias("reference"))
+    run.storage.write(run.table, made, partition="_references", suffix=key)
+    return made
