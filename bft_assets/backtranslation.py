@@ -1,5 +1,5 @@
 """backtranslated_pool: the backward model writes the instruction each document answers
-(METHOD.md step 1, nucleus sampling T=1.0, top_p=0.9)."""
+(docs/method.md step 1, nucleus sampling T=1.0, top_p=0.9)."""
 
 import dagster as dg
 import polars as pl

@@ -92,15 +92,23 @@ def dagster_instance():
     import dagster as dg
 
     if not os.environ.get("DAGSTER_HOME"):
-        sys.exit("DAGSTER_HOME is not set: point it at the folder the UI uses (make demo sets it)")
+        sys.exit(
+            "DAGSTER_HOME is not set: point it at the (absolute) folder `dg dev` runs with, e.g. "
+            'export DAGSTER_HOME="$PWD/.dagster" before both (make demo sets it)'
+        )
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
     return dg.DagsterInstance.get()
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from bft_assets.demo import write_demo_corpus
+    from bft_resources.uris import LocationError, parse_location
 
-    corpus = Path(declared(args).decl.corpus.uri).expanduser()
+    uri = declared(args).decl.corpus.uri
+    try:  # file:///x and ~/x read as every other reader reads them; S3 refused, not a folder "s3:"
+        corpus = parse_location(uri, "corpus.uri").path
+    except LocationError as error:
+        sys.exit(f"bft demo-data writes a local folder: {error}")
     paths = write_demo_corpus(corpus, args.shards, args.docs_per_shard)
     print("\n".join(str(p) for p in paths))
 
@@ -173,8 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     location.add_argument("-m", "--module", help="a code location module, as dagster takes it")
     location.add_argument("-f", "--file", help="a code location file, as dagster takes it")
     demo_sizes = argparse.ArgumentParser(add_help=False)
-    demo_sizes.add_argument("--shards", type=int, default=2)
-    demo_sizes.add_argument("--docs-per-shard", type=int, default=6)
+    demo_sizes.add_argument(
+        "--shards", type=int, default=2, help="demo shards to write (default: 2)"
+    )
+    demo_sizes.add_argument(
+        "--docs-per-shard", type=int, default=6, help="documents per demo shard (default: 6)"
+    )
 
     def command(name: str, fn, help: str, parents=()) -> argparse.ArgumentParser:
         found = sub.add_parser(name, parents=list(parents), help=help)
@@ -196,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     command("demo", cmd_demo, "materialize the whole graph for the demo partitions", (demo_sizes,))
     export = command("export", cmd_export, "write a recipe's training set (datasets, JSONL, Parquet, card) and model",
                      (which,))  # fmt: skip
-    export.add_argument("recipe")
-    export.add_argument("destination")
+    export.add_argument("recipe", help="a recipe the instance declares, e.g. filtering")
+    export.add_argument("destination", help="a folder (relative: to the working directory)")
     dagster_yaml = command("dagster-yaml", cmd_dagster_yaml,
                            "write bft's Dagster instance config (gpu pool, run queue, run monitoring, launcher)")  # fmt: skip
     dagster_yaml.add_argument(
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     lc = command("alpaca-eval-lc", cmd_alpaca_eval_lc,
                  "win rate, length-controlled win rate and standard error of an AlpacaEval annotations.json")  # fmt: skip
-    lc.add_argument("annotations")
+    lc.add_argument("annotations", help="AlpacaEval's annotations.json")
     args = parser.parse_args(argv)
     args.fn(args)
 

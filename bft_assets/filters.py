@@ -2,7 +2,7 @@
 
 A line of a Dolma shard is either a Document or a Drop with a reason; ``CandidateFilter``
 applies the per-line rules, remembers what it has seen (exact duplicates) and, a batch at a
-time, the token-budget rule of METHOD.md:
+time, the token-budget rule of docs/method.md:
 ``len(tokens(text)) + prompt_overhead + max_new_tokens <= context_window``.
 """
 

@@ -1,4 +1,4 @@
-"""The method's prompts, byte for byte as METHOD.md gives them (Nguyen et al. 2024, Li et al. 2023).
+"""The method's prompts, byte for byte as docs/method.md gives them (Nguyen et al. 2024, Li et al. 2023).
 
 Each prompt is the *message* a user sends; the paper's ``[INST] ... [/INST]`` markers are
 Llama-2's chat template around that message, so a model with a chat template gets the same
@@ -17,7 +17,7 @@ from bft_resources.engine.rendering import strip_special
 
 SEED_TAG = "Answer in the style of an AI Assistant."
 WEB_TAG = "Answer with knowledge from web search."
-# Evaluation (METHOD.md step 5): the two suffixes the paper tries, worded exactly; it keeps
+# Evaluation (docs/method.md step 5): the two suffixes the paper tries, worded exactly; it keeps
 # the one with the higher win rate on average over the compared models (one choice for all).
 EVAL_TAGS = {
     "assistant": SEED_TAG,
@@ -124,7 +124,8 @@ REWRITE = Prompt("rewrite", _REWRITE)
 # filtering_distilling (BFT Table 2): the chat model answers the instruction itself, no draft.
 DISTILL = Prompt("distill", "<instruction>")
 
-# The pairwise judge (not from METHOD.md, which names GPT-4 as judge without its prompt):
+# The pairwise judge (not the paper's, which names GPT-4 as judge without its prompt; docs/method.md
+# shows it apart from the method's three):
 # one token answers, so a local model's verdict is read from P("1") vs P("2").
 JUDGE = Prompt(
     "judge",

@@ -1,4 +1,4 @@
-"""scored_pool: the forward model rates each (instruction, response) pair 1 to 5 (METHOD.md
+"""scored_pool: the forward model rates each (instruction, response) pair 1 to 5 (docs/method.md
 step 2, Humpback's self-curation prompt). Scores are stored once; a recipe keeps the pairs
 at its own threshold (the paper: 5) where it selects.
 

@@ -196,7 +196,7 @@ def test_training_settings_are_validated_sorted_and_split_into_runs():
     (one_run,) = settings.model_copy(update={"protocol": "checkpoints"}).runs()
     assert one_run.steps == [600, 900, 1200]
     assert TrainingSettings(steps=[3]).runs() == [TrainingSettings(steps=[3])]
-    defaults = TrainingSettings()  # METHOD.md step 4, 7B
+    defaults = TrainingSettings()  # docs/method.md step 4, 7B
     assert (defaults.learning_rate, defaults.batch_size, defaults.weight_decay, defaults.dropout,
             defaults.steps, defaults.warmup_ratio, defaults.protocol) == (1e-5, 32, 0.1, 0.1, [600, 900, 1200], 0.0,
                                                                           "separate_runs")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Fine-tuning (METHOD.md step 4), one declaration per setting:
+"""Fine-tuning (docs/method.md step 4), one declaration per setting:
 
 - ``TrainingSettings`` (``settings``): what is trained, the paper's defaults written once
   (the YAML's ``training`` and ``seed_training`` resolve into it);

@@ -1,4 +1,4 @@
-"""How a model is trained (METHOD.md step 4): the one declaration of the paper's training
+"""How a model is trained (docs/method.md step 4): the one declaration of the paper's training
 settings. The YAML's ``training`` and ``seed_training`` (and a recipe's own ``training``)
 resolve into ``TrainingSettings``; how and where a run executes is the ``Trainer``'s."""
 
