@@ -1,12 +1,13 @@
 """How long a web document may be: it must fit, with its generation budget, every prompt it
-travels through (docs/method.md, Data: ``len(tokens(text)) + prompt_overhead + max_new_tokens <=
+travels through (METHOD.md, Data: ``len(tokens(text)) + prompt_overhead + max_new_tokens <=
 context_window``, applied to backtranslation, scoring and rewriting alike).
 
 A document of n tokens needs, in the base model's context window W:
 - backtranslation: overhead + n + instruction budget;
 - scoring: overhead + instruction + n + the scorer's reply (1 token in logprobs mode);
-- rewriting: overhead + instruction + n + the rewrite, whose cap follows the document
-  (``rewrite_tokens(n)``: a rewrite copies the draft where it can, so it is about as long).
+- rewriting: overhead + instruction + n + room for the rewrite: ``rewriting.min_room`` (the
+  paper caps no rewrite; the rewrite then takes what is left of the window, row by row), or,
+  with ``length_cap: ratio``, the ratio cap that follows the document (``rewrite_tokens(n)``).
 The instruction is at most the backtranslation budget. Distillation sends no document.
 """
 
@@ -26,9 +27,21 @@ EDGE_SLACK = 8
 
 
 def rewrite_tokens(document_tokens: int, generation: GenerationSpec) -> int:
-    """The most tokens a rewrite of a document of this length may take."""
+    """ratio mode: the most tokens a rewrite of a document of this length may take."""
     spec = generation.rewriting
     return math.ceil(spec.rewrite_length_ratio * document_tokens) + spec.rewrite_extra_tokens
+
+
+def rewrite_caps(prompt_tokens: list[int], document_tokens: list[int], window: int | None,
+                 generation: GenerationSpec) -> list[int]:  # fmt: skip
+    """Each row's rewrite cap: what its prompt leaves of the rewriter's window (context mode;
+    distill's max_new_tokens where the window is unknown, an endpoint), or the ratio cap."""
+    spec = generation.rewriting
+    if spec.length_cap == "ratio":
+        return [rewrite_tokens(n, generation) for n in document_tokens]
+    if window is None:
+        return [spec.max_new_tokens] * len(prompt_tokens)
+    return [max(1, window - p) for p in prompt_tokens]
 
 
 @dataclass(frozen=True)
@@ -68,12 +81,12 @@ def document_budget(count, window: int, generation: GenerationSpec) -> Budget:
     limits = {
         "backtranslation": room["backtranslation"] - instruction,
         "scoring": room["scoring"] - instruction - reply,
-        # n + ceil(r * n) + extra <= room - instruction
-        "rewriting": math.floor(
-            (room["rewriting"] - instruction - rewriting.rewrite_extra_tokens - 1)
-            / (1 + rewriting.rewrite_length_ratio)
-        ),
-    }
+        # context: n + min_room <= room - instruction; ratio: n + ceil(r * n) + extra <= room - instruction
+        "rewriting": room["rewriting"] - instruction - rewriting.min_room
+        if rewriting.length_cap == "context"
+        else math.floor((room["rewriting"] - instruction - rewriting.rewrite_extra_tokens - 1)
+                        / (1 + rewriting.rewrite_length_ratio)),
+    }  # fmt: skip
     return Budget(min(limits.values()), overheads, limits, window)
 
 

@@ -21,7 +21,7 @@ from bft_assets.filters import (
 )
 from bft_assets.instance import CANDIDATE_RESPONSES, CORPUS_DOCUMENTS, Instance, digest
 from bft_assets.prompts import BACKTRANSLATE
-from bft_assets.reporting import counts_table, percentile_metadata
+from bft_assets.reporting import counts_table, files_table, percentile_metadata
 from bft_assets.stage import Check, StageRun, stage_asset
 from bft_resources.quality import Rule, run_rules
 from bft_resources.storage import table_name
@@ -131,7 +131,8 @@ def build_candidate_responses(inst: Instance) -> dg.AssetsDefinition:
                       "shard_uri": dg.MetadataValue.path(shard.uri), "shard_bytes": shard.size_bytes,
                       "shard_hash": corpus.fingerprint(shard), "docs_per_second": rules.lines_read / elapsed if elapsed else 0.0,
                       "rejects_path": dg.MetadataValue.path(run.storage.uri(table_name(run.table, run.partition, "rejects"))),
-                      "base_model": base.reference},
+                      "base_model": base.reference,
+                      "corpus_files_skipped": files_table([(r.uri, r.reason) for r in corpus.skipped_files()])},
             checks=[*run_rules(table, RULES),
                     dg.AssetCheckResult(check_name=IN_BUDGET.check_name, passed=over == 0 and table.height > 0,
                                         metadata={"over_budget": over, "budget": fits.tokens,

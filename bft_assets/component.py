@@ -50,7 +50,7 @@ from bft_assets.specs import (
 from bft_resources.engine import EngineSpec, TransformersEngine
 from bft_resources.trainer import Trainer, TrainingSettings
 
-# The paper does not give the seed models' schedule (docs/method.md, Models); this project's
+# The paper does not give the seed models' schedule (METHOD.md, Models); this project's
 # choice is the recipes' 7B schedule, one run to its last step (1,200 steps of batch 32).
 SEED_TRAINING = TrainingSettings(steps=[1200])
 
@@ -108,6 +108,11 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
     trainer: Annotated[Trainer, machinery(Trainer, "How fine-tuning runs (method, devices, precision).")] = field(
         default_factory=Trainer
     )  # fmt: skip
+    seed_trainer: Annotated[
+        Trainer | None,
+        machinery(Trainer | None, "How the seed models train, where it differs from `trainer` (the paper's seed "
+                  "models are 70B even for 7B recipes: e.g. zero3 over 64 GPUs); default: trainer."),
+    ] = None  # fmt: skip
     training: Annotated[
         TrainingSettings, machinery(TrainingSettings, "The recipes' training settings (the paper's 7B defaults).")
     ] = field(default_factory=TrainingSettings)  # fmt: skip

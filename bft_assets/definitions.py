@@ -6,6 +6,7 @@ The executor is this code location's choice, not an instance's: ``BFT_EXECUTOR``
 """
 
 import os
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -38,6 +39,13 @@ def component_tree() -> dg.ComponentTree:
     return dg.ComponentTree.from_module(defs_module=bft_assets.defs, project_root=PROJECT_ROOT)
 
 
+def quiet_framework_warnings() -> None:
+    """Dagster warns that the code references it adds to every component are a beta API, and
+    that dg's own APIs are previews: true, but not news to a user of bft, in every run log."""
+    for category in (dg.BetaWarning, dg.PreviewWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def declared_instances() -> dict[str, Instance]:
     """The bft instances this code location declares, by key prefix (for the `bft` CLI)."""
     from bft_assets.component import BackAndForthTranslation
@@ -47,6 +55,7 @@ def declared_instances() -> dict[str, Instance]:
 
 
 def load_defs() -> dg.Definitions:
+    quiet_framework_warnings()
     components = component_tree().build_defs()
     executor = step_executor(os.environ.get("BFT_EXECUTOR", "multiprocess"))
     return dg.Definitions.merge(components, dg.Definitions(executor=executor))

@@ -2,6 +2,8 @@
 name carrying the instance's key prefix. No executor and no resource: those are the host's
 (each asset holds the machinery its declaration resolved into)."""
 
+import warnings
+
 import dagster as dg
 
 from bft_assets.backtranslation import build_backtranslated_pool
@@ -89,9 +91,13 @@ def build_jobs(inst: Instance) -> list:
 
 
 def build_instance_defs(inst: Instance) -> dg.Definitions:
-    assets = build_assets(inst)
+    # Code references are a beta API of Dagster's: its warning is Dagster's to give, not a
+    # line for every user of bft in every run log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        assets = dg.with_source_code_references(build_assets(inst))
     return dg.Definitions(
-        assets=dg.with_source_code_references(assets),
+        assets=assets,
         jobs=build_jobs(inst),
         sensors=[
             build_shard_sensor(inst),

@@ -10,6 +10,7 @@ share nothing but the code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from functools import cached_property
@@ -17,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
-from bft_assets.policies import GPU_POOL, ONE_PARTITION_PER_RUN, REBUILD_STALE, gpu_op_tags
-from bft_assets.recipes import Recipe, floor, recipe_version
+from bft_assets.policies import GPU_POOL, REBUILD_STALE, gpu_op_tags
+from bft_assets.recipes import Need, Recipe, floor, peers, recipe_version
 from bft_resources.corpus import CorpusSource
 from bft_resources.engine import Engine
 from bft_resources.keys import safe_segment
 from bft_resources.models import ModelRef
 from bft_resources.storage import Storage, storage_for
-from bft_resources.trainer import TrainingSettings
+from bft_resources.trainer import Trainer, TrainingSettings
 
 if TYPE_CHECKING:
     from bft_assets.component import BackAndForthTranslation
@@ -47,8 +48,13 @@ CORPUS_SHARDS = "corpus_shards"
 
 def digest(*parts: Any) -> str:
     """A short stable hash of declared settings, for code versions."""
-    text = json.dumps(parts, sort_keys=True, default=lambda o: o.model_dump(mode="json"))
+    text = json.dumps(parts, sort_keys=True, default=_plain)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _plain(value: Any) -> Any:
+    """A declared setting as JSON: a pydantic model's dump, a dataclass's fields."""
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else dataclasses.asdict(value)
 
 
 class Instance:
@@ -102,9 +108,10 @@ class Instance:
 
     def recipe_versions(self) -> dict[str, str]:
         """Each recipe's own version: the data version of its declaration."""
-        return {r.name: recipe_version(r, self.training_for(r)) for r in self.decl.recipes}
+        recipes = self.decl.recipes
+        return {r.name: recipe_version(r, self.training_for(r), peers(recipes, r)) for r in recipes}
 
-    def needs(self, responses: str) -> tuple[bool, int | None]:
+    def needs(self, responses: str) -> Need:
         """What the declared recipes ask of an upstream stage (``recipes.floor``)."""
         return floor(self.decl.recipes, responses)
 
@@ -137,6 +144,10 @@ class Instance:
         if declared is None:
             raise KeyError(f"{self.prefix}: models.{role} is not declared")
         return declared.with_s3(self.s3)
+
+    def trainer(self, role: str = "recipe") -> Trainer:
+        """The trainer of a role: the seed models' own where declared."""
+        return (self.decl.seed_trainer if role == "seed" else None) or self.decl.trainer
 
     def engine(self, role: str = "generation") -> Engine:
         """The engine a role loads its model with: the judge's own where declared."""
@@ -219,7 +230,7 @@ class Instance:
         }
 
     def gpu_args(self, asset: str, gpus: int) -> dict[str, Any]:
-        """Partitioned assets that load a model: the gpu pool, one partition per backfill
-        run, and the step's GPU request (plus the op tags the declaration adds)."""
+        """Assets that load a model: the gpu pool and the step's GPU request (plus the op
+        tags the declaration adds)."""
         tags = {**gpu_op_tags(gpus), **self.decl.op_tags.get(asset, {})}
-        return {"pool": GPU_POOL, "backfill_policy": ONE_PARTITION_PER_RUN, "op_tags": tags}
+        return {"pool": GPU_POOL, "op_tags": tags}

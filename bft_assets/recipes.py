@@ -2,7 +2,7 @@
 asks of the upstream stages, how its training set is assembled, and its own version.
 
 A recipe trains the base model on the seed pairs plus a selection of generated pairs
-(docs/method.md, step 4): ``filtering`` (the web responses of pairs scored 5), ``rewriting``
+(METHOD.md, step 4): ``filtering`` (the web responses of pairs scored 5), ``rewriting``
 (every pair's rewrite: "no intermediate filtering"), ``filtering_rewriting`` (rewrites of
 pairs scored 5), ``filtering_distilling`` (the chat model's own answers to those
 instructions) and ``seed_only``. Each source is tagged as the paper tags it.
@@ -13,42 +13,83 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import dagster as dg
 import polars as pl
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from bft_assets.prompts import SEED_TAG, WEB_TAG
-from bft_assets.specs import machinery
+from bft_assets.specs import ProjectPath, machinery
 from bft_resources.trainer import TrainingSettings
 
-Responses = Literal["none", "web", "rewrite", "distilled"]
+DatasetFormat = Literal["auto", "alpaca", "sharegpt", "openorca", "pairs"]
+Responses = Literal["none", "web", "rewrite", "distilled", "external"]
 PAPER_THRESHOLD = 5
+# BFT compares every row of a table "given the same data quantity": 12.8K generated pairs per
+# recipe at 7B (Table 1), 51.2K at 70B, 25.6K for the rewriting-vs-distilling pair (Table 2).
+PAPER_7B_SIZE = 12_800
+ALL = "all"
 TAG_SEPARATOR = "\n"
 # rewritten_dataset's rewrite_status of a rewrite that was extracted whole.
 REWRITE_OK = "ok"
 # Which column of rewritten_dataset answers the instruction, per kind of response.
 ANSWER_COLUMN = {"web": "response", "rewrite": "rewrite", "distilled": "distilled"}
+# The paper's Table 2 pair: the same 25.6K instructions, rewritten or answered directly.
+PAPER_PAIR = "rewrite_vs_distill"
+
+
+class ShortPool(ValueError):
+    """A recipe's pool holds fewer pairs than it declares to train on."""
+
+
+class ExternalDataset(dg.Resolvable, dg.Model):
+    """(instruction, response) pairs from outside the pipeline (the paper's baselines:
+    OpenOrca, ShareGPT, Alpaca-GPT4, Self-instruct, ClueWeb+filtering)."""
+
+    uri: ProjectPath = Field(description="A JSON/JSONL(.gz)/Parquet file or a folder of them.")
+    format: DatasetFormat = Field(
+        default="auto",
+        description="alpaca (instruction, input, output), sharegpt (the first turn of conversations), openorca "
+        "(question, response), pairs (instruction, response), or auto (by each record's fields).",
+    )
 
 
 class Recipe(dg.Resolvable, dg.Model):
     """What one recipe trains on: seed pairs plus a selection of generated pairs."""
 
-    name: str = Field(description="The recipe's partition key.", examples=["filtering_rewriting"])
+    name: str = Field(
+        description="The recipe's partition key (ASCII letters, digits, _; at most 64).",
+        examples=["filtering_rewriting"], pattern=r"^[A-Za-z0-9_]{1,64}$",
+    )  # fmt: skip
     responses: Responses = Field(
-        description="none (seed only), web (the document), rewrite (the rewriter's), distilled (the chat model's own answer)."
+        description="none (seed only), web (the document), rewrite (the rewriter's), distilled (the chat model's "
+        "own answer), external (pairs from `dataset`)."
     )
     min_score: int | None = Field(
-        default=None,
-        description="Keep generated pairs scored at least this (paper: 5); null: no filter.",
+        default=None, description="Keep generated pairs scored at least this (paper: 5); null: no filter."
     )
-    generated_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="Generated pairs trained on (a deterministic sample); null: all.",
+    generated_size: int | Literal["all"] = Field(
+        default=PAPER_7B_SIZE,
+        description="Generated pairs trained on, a deterministic sample (paper, 7B: 12,800 for every recipe; 70B: "
+        "51,200); a pool short of it fails before training. `all`: every selected pair (not the paper's).",
+        examples=[12800, 51200, "all"],
     )
     sample_seed: int = Field(default=0, description="Seed of that sample.")
+    shared_instructions: str | None = Field(
+        default=None,
+        description="Recipes naming the same group train on one sample of instructions: the pairs every recipe "
+        "of the group can use (BFT Table 2: filtering+rewriting and filtering+distilling on the same "
+        "instructions). They must declare the same min_score, generated_size and sample_seed.",
+        examples=[PAPER_PAIR],
+    )
+    exclude_flagged: bool = Field(
+        default=False,
+        description="Leave out pairs whose instruction was flagged degenerate (a bft option; the paper filters "
+        "nothing but the score: 'No intermediate filtering is done' for rewriting).",
+    )
+    dataset: ExternalDataset | None = Field(default=None, description="With responses: external, the pairs.")
     training: Annotated[TrainingSettings | None, machinery(TrainingSettings | None)] = Field(
         default=None, description="Overrides the instance's training settings for this recipe."
     )
@@ -60,22 +101,30 @@ class Recipe(dg.Resolvable, dg.Model):
             raise ValueError(f"min_score {score}: scores run from 1 to 5")
         return score
 
-    @field_validator("name")
+    @field_validator("generated_size")
     @classmethod
-    def _a_partition_name(cls, name: str) -> str:
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"recipe name {name!r}: letters, digits and _ only")
-        return name
+    def _a_size(cls, size: int | str) -> int | str:
+        if isinstance(size, int) and size < 1:
+            raise ValueError(f"generated_size {size}: at least 1 pair, or `all`")
+        return size
+
+    @model_validator(mode="after")
+    def _external_has_a_dataset(self) -> Recipe:
+        if (self.responses == "external") != (self.dataset is not None):
+            raise ValueError(f"recipe {self.name}: a dataset goes with responses: external, and only with it")
+        return self
 
 
-# The recipes of BFT Tables 1 and 2 (filtering_distilling: Table 2), plus the seed-only baseline.
+# The recipes of BFT Tables 1 and 2 (filtering_distilling: Table 2), plus the seed-only
+# baseline, each at the paper's 7B size.
 PAPER_RECIPES = (
     Recipe(name="seed_only", responses="none"),
     Recipe(name="filtering", responses="web", min_score=PAPER_THRESHOLD),
     Recipe(name="rewriting", responses="rewrite"),
-    Recipe(name="filtering_rewriting", responses="rewrite", min_score=PAPER_THRESHOLD),
-    Recipe(name="filtering_distilling", responses="distilled", min_score=PAPER_THRESHOLD),
-)
+    Recipe(name="filtering_rewriting", responses="rewrite", min_score=PAPER_THRESHOLD, shared_instructions=PAPER_PAIR),
+    Recipe(name="filtering_distilling", responses="distilled", min_score=PAPER_THRESHOLD,
+           shared_instructions=PAPER_PAIR),
+)  # fmt: skip
 
 
 def check_recipes(recipes: Sequence[Recipe]) -> Sequence[Recipe]:
@@ -84,43 +133,68 @@ def check_recipes(recipes: Sequence[Recipe]) -> Sequence[Recipe]:
         raise ValueError(f"recipe names must be unique: {names}")
     if not recipes:
         raise ValueError("declare at least one recipe")
+    for group, members in groups(recipes).items():
+        if len({(r.min_score, r.generated_size, r.sample_seed) for r in members}) > 1:
+            raise ValueError(f"recipes sharing instructions {group!r} ({', '.join(r.name for r in members)}) must "
+                             "declare the same min_score, generated_size and sample_seed")  # fmt: skip
     return recipes
 
 
-def recipe_version(recipe: Recipe, training: TrainingSettings) -> str:
-    """A digest of everything one recipe decides alone: its declaration and the training
-    settings it trains with (its own, or the instance's). It is the data version of the
-    recipe's declaration, so that editing one recipe marks only its own checkpoint stale."""
+def groups(recipes: Iterable[Recipe]) -> dict[str, list[Recipe]]:
+    found: dict[str, list[Recipe]] = {}
+    for recipe in recipes:
+        if recipe.shared_instructions:
+            found.setdefault(recipe.shared_instructions, []).append(recipe)
+    return found
+
+
+def peers(recipes: Iterable[Recipe], recipe: Recipe) -> list[Recipe]:
+    """The recipes that share ``recipe``'s instructions (itself included; alone when none)."""
+    return groups(recipes).get(recipe.shared_instructions or "", []) or [recipe]
+
+
+def recipe_version(recipe: Recipe, training: TrainingSettings, group: Sequence[Recipe] = ()) -> str:
+    """A digest of everything one recipe decides alone: its declaration, the training
+    settings it trains with (its own, or the instance's), and the recipes it shares its
+    instructions with. It is the data version of the recipe's declaration, so that editing
+    one recipe marks only its own checkpoint stale (and its group's)."""
     body = {"recipe": recipe.model_dump(mode="json", exclude={"training"}),
-            "training": training.model_dump(mode="json"), "tags": [SEED_TAG, WEB_TAG]}  # fmt: skip
+            "training": training.model_dump(mode="json"), "tags": [SEED_TAG, WEB_TAG],
+            "group": sorted(r.model_dump_json(exclude={"training"}) for r in group if r is not recipe)}  # fmt: skip
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- what the declared recipes ask of the upstream stages ------------------------------------
 
 
-def floor(recipes: Iterable[Recipe], responses: str) -> tuple[bool, int | None]:
-    """(whether any recipe trains on these responses, the lowest score one accepts; None
-    when one of them takes every pair)."""
+@dataclass(frozen=True)
+class Need:
+    """What the declared recipes ask of a stage: whether any trains on its responses, the
+    lowest score one accepts (None: every pair), and whether one takes flagged pairs."""
+
+    wanted: bool
+    min_score: int | None = None
+    flagged: bool = False
+
+
+def floor(recipes: Iterable[Recipe], responses: str) -> Need:
     wanted = [r for r in recipes if r.responses == responses]
     if not wanted:
-        return False, None
-    if any(r.min_score is None for r in wanted):
-        return True, None
-    return True, min(r.min_score for r in wanted)  # type: ignore[type-var]
+        return Need(False)
+    lowest = None if any(r.min_score is None for r in wanted) else min(r.min_score for r in wanted)  # type: ignore[type-var]
+    return Need(True, lowest, any(not r.exclude_flagged for r in wanted))
 
 
-def usable(min_score: int | None) -> pl.Expr:
-    """Generated pairs a selection may take: instruction not flagged degenerate, scored at
-    least ``min_score`` when there is one."""
-    keep = pl.col("instruction_flag").is_null()
+def usable(min_score: int | None, exclude_flagged: bool = True) -> pl.Expr:
+    """Generated pairs a selection may take: scored at least ``min_score`` when there is
+    one (a flagged instruction has no score), and not flagged when ``exclude_flagged``."""
+    keep = pl.col("instruction_flag").is_null() if exclude_flagged else pl.lit(True)
     return keep if min_score is None else keep & (pl.col("score").fill_null(0) >= min_score)
 
 
-def needed(wanted: tuple[bool, int | None]) -> pl.Expr:
+def needed(need: Need) -> pl.Expr:
     """The pairs an upstream stage must process for the declared recipes (see ``floor``)."""
-    any_recipe, lowest = wanted
-    return usable(lowest) if any_recipe else pl.lit(False)
+    return usable(need.min_score, not need.flagged) if need.wanted else pl.lit(False)
 
 
 # ---- the training set -------------------------------------------------------------------------
@@ -149,9 +223,9 @@ def has_text(column: str) -> pl.Expr:
 
 
 def generated_pairs(rewritten: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
-    """The generated (instruction, response) pairs a recipe selects: usable pairs scored at
-    least its ``min_score`` (when it has one), answered by the responses it names."""
-    chosen = rewritten.filter(usable(recipe.min_score))
+    """The generated (instruction, response) pairs a recipe selects: pairs scored at least
+    its ``min_score`` (when it has one), answered by the responses it names."""
+    chosen = rewritten.filter(usable(recipe.min_score, recipe.exclude_flagged))
     if recipe.responses == "none":
         chosen = chosen.head(0)
     elif recipe.responses == "rewrite":
@@ -164,14 +238,29 @@ def generated_pairs(rewritten: pl.DataFrame, recipe: Recipe) -> pl.DataFrame:
     )
 
 
+def sample(pool: pl.DataFrame, recipe: Recipe, shared: Sequence[pl.DataFrame] = ()) -> pl.DataFrame:
+    """A recipe's sample of its pool: ``generated_size`` pairs in a deterministic order (all
+    with ``all``), drawn from the instructions every pool of its group holds. ShortPool when
+    the pool holds fewer pairs than declared."""
+    for other in shared:
+        pool = pool.filter(pl.col("id").is_in(other["id"].implode()))
+    ordered = stable_order(pool, "id", recipe.sample_seed)
+    if recipe.responses == "none" or recipe.generated_size == ALL:
+        return ordered
+    if ordered.height < recipe.generated_size:
+        shared_note = " shared with its group" if shared else ""
+        raise ShortPool(
+            f"recipe {recipe.name}: its pool{shared_note} holds {ordered.height} pairs but it declares generated_size "
+            f"{recipe.generated_size}; add shards, lower generated_size, or declare generated_size: all"
+        )  # fmt: skip
+    return ordered.head(recipe.generated_size)
+
+
 def assemble_training_set(
-    seed: pl.DataFrame, rewritten: pl.DataFrame, recipe: Recipe
+    seed: pl.DataFrame, generated: pl.DataFrame, recipe: Recipe
 ) -> pl.DataFrame:
-    """Seed pairs plus the recipe's generated pairs (a deterministic sample of
-    ``generated_size`` when set), tagged by source."""
-    generated = stable_order(generated_pairs(rewritten, recipe), "id", recipe.sample_seed)
-    if recipe.generated_size is not None:
-        generated = generated.head(recipe.generated_size)
+    """Seed pairs plus the recipe's sampled generated (or external) pairs, tagged by source
+    as the paper tags them."""
     tagged = [
         rows.select("id", "instruction", "response").with_columns(
             source=pl.lit(source), prompt=pl.col("instruction") + TAG_SEPARATOR + tag_text

@@ -114,6 +114,8 @@ def extract_rewrite(
         text = reply
     else:
         found = _BETWEEN.search(reply)
+        if found is None and finish_reason == "length":
+            return None, TRUNCATED  # the cap ended the reply before [/RES]: say so, not "no markers"
         if found is None:
             return None, UNCLOSED if RES_OPEN in reply else NO_MARKERS
         text = found.group(1)

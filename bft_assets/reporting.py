@@ -22,8 +22,14 @@ def percentiles(values: pl.Series) -> dict[str, float]:
     return out
 
 
-def percentile_metadata(prefix: str, values: pl.Series) -> dict[str, float]:
-    return {f"{prefix}_{name}": value for name, value in percentiles(values).items()}
+def percentile_metadata(prefix: str, values: pl.Series) -> dict[str, object]:
+    """One small table (p5, p50, p95, max) to read, and the median alone, which the UI plots
+    across materializations."""
+    found = percentiles(values)
+    if not found:
+        return {}
+    table = markdown_table([{k: round(v, 1) for k, v in found.items()}])
+    return {prefix: table, f"{prefix}_p50": found["p50"]}
 
 
 def markdown_table(rows: Sequence[Mapping[str, object]], width: int = 160) -> dg.MetadataValue:
@@ -46,6 +52,12 @@ def sample_rows(
 ) -> dg.MetadataValue:
     """The first ``n`` rows of ``columns`` as Markdown (first rows: stable across re-runs)."""
     return markdown_table(frame.select(columns).head(n).to_dicts(), width)
+
+
+def files_table(files: Sequence[tuple[str, str]]) -> dg.MetadataValue:
+    """Files a stage did not read, each with why (every file of an input folder is read or
+    named here)."""
+    return markdown_table([{"file": f, "why": why} for f, why in files], width=200)
 
 
 def counts_table(

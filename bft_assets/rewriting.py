@@ -1,4 +1,4 @@
-"""rewritten_dataset: the aligned chat model rewrites responses (docs/method.md step 3) and, for
+"""rewritten_dataset: the aligned chat model rewrites responses (METHOD.md step 3) and, for
 the filtering_distilling baseline, answers the instructions directly.
 
 One table per shard holds every scored pair with its score, its rewrite and its distilled
@@ -10,7 +10,7 @@ from dataclasses import replace
 import dagster as dg
 import polars as pl
 
-from bft_assets.budget import rewrite_tokens
+from bft_assets.budget import rewrite_caps
 from bft_assets.checks import accounting_check, rate_floor_check
 from bft_assets.instance import REWRITTEN_DATASET, SCORED_POOL, Instance
 from bft_assets.prompts import DISTILL, REWRITE
@@ -29,6 +29,7 @@ from bft_assets.stage import (
     sampling_of,
     stage_asset,
 )
+from bft_resources.engine import Chat
 from bft_resources.quality import Rule
 
 RULES = (
@@ -46,20 +47,14 @@ def rewrite_passes(inst: Instance) -> tuple[Pass, Pass]:
     distill_sampling = sampling_of(settings)
 
     def rewrite(model, batch: pl.DataFrame) -> pl.DataFrame:
-        # The cap follows the longest draft of the batch (budget.rewrite_tokens): the
-        # candidate budget left it room in the context window.
-        cap = rewrite_tokens(int(batch["n_tokens"].max() or 0), inst.decl.generation)
         clean = safe(model)
         messages = [REWRITE.render(response=clean(x), instruction=clean(i))
                     for x, i in zip(batch["response"], batch["instruction"], strict=True)]  # fmt: skip
-        return generate(
-            model,
-            batch,
-            messages,
-            replace(rewrite_sampling, max_tokens=cap),
-            "rewrite_reply",
-            prefix,
-        )
+        prompts = model.prompt_tokens([Chat(m, assistant_prefix=prefix) for m in messages]) if model.context_window else []
+        caps = rewrite_caps(prompts or [0] * batch.height, batch["n_tokens"].to_list(), model.context_window,
+                            inst.decl.generation)  # fmt: skip
+        return generate(model, batch, messages, [replace(rewrite_sampling, max_tokens=c) for c in caps],
+                        "rewrite_reply", prefix)  # fmt: skip
 
     def distill(model, batch: pl.DataFrame) -> pl.DataFrame:
         messages = [DISTILL.render(instruction=safe(model)(i)) for i in batch["instruction"]]
@@ -118,7 +113,7 @@ def build_rewritten_dataset(inst: Instance) -> dg.AssetsDefinition:
         statuses = dict(table["rewrite_status"].value_counts().rows())
         ok = statuses.get(REWRITE_OK, 0)
         extraction = (rate_floor_check(EXTRACTION.check_name, ok, selected.height, settings.min_extraction_rate)
-                      if needs["rewrite"][0] else
+                      if needs["rewrite"].wanted else
                       dg.AssetCheckResult(check_name=EXTRACTION.check_name, passed=selected.height == 0,
                                           metadata={"selected": selected.height, "reason": "no recipe trains on rewrites"}))  # fmt: skip
         return run.finish(

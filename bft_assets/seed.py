@@ -3,7 +3,7 @@
 Reads the oasst export's message trees (``*.trees.jsonl``: one tree a line, a prompter root
 with ``replies``) or flat pairs (JSONL or Parquet with instruction/response columns). From a
 tree it keeps the root prompt and its reply of rank 0, English, neither deleted nor
-synthetic (docs/method.md, Data); the first ``max_examples`` in file order are kept.
+synthetic (METHOD.md, Data); the first ``max_examples`` in file order are kept.
 """
 
 import dagster as dg
@@ -11,12 +11,12 @@ import polars as pl
 
 from bft_assets.checks import accounting_check
 from bft_assets.instance import SEED_EXAMPLES, Instance, digest
-from bft_assets.reporting import counts_table, percentile_metadata
+from bft_assets.reporting import counts_table, files_table, percentile_metadata
 from bft_assets.seed_records import select_seed_pairs
 from bft_assets.specs import DEMO_DATA
 from bft_assets.stage import Check, StageRun, stage_asset
 from bft_resources.quality import Rule
-from bft_resources.seed_source import SeedSource
+from bft_resources.records import RecordFiles
 
 SEED_RULES = (
     Rule("seed_examples_ids_unique", "ExpectColumnValuesToBeUnique", {"column": "id"}, blocking=True,
@@ -39,11 +39,11 @@ SEED_COLUMNS = {
 }
 
 
-def seed_source(inst: Instance) -> SeedSource:
+def seed_source(inst: Instance) -> RecordFiles:
     from bft_assets.demo import demo_seed_path
 
     uri = inst.decl.seed.uri
-    return SeedSource(uri=str(demo_seed_path()) if uri == DEMO_DATA else uri)
+    return RecordFiles(uri=str(demo_seed_path()) if uri == DEMO_DATA else uri)
 
 
 def build_seed_examples(inst: Instance) -> dg.AssetsDefinition:
@@ -65,7 +65,8 @@ def build_seed_examples(inst: Instance) -> dg.AssetsDefinition:
                       "drops": counts_table(drops, total=read),
                       **percentile_metadata("instruction_chars", lengths["instruction_chars"]),
                       **percentile_metadata("response_chars", lengths["response_chars"]),
-                      "rejects_path": dg.MetadataValue.path(rejects_uri), "seed_uri": source.uri},
+                      "rejects_path": dg.MetadataValue.path(rejects_uri), "seed_uri": source.uri,
+                      "files_skipped": files_table(source.skipped())},
             checks=[accounting_check(ACCOUNTED.check_name, read, pairs.height, drops)],
         )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""seed_model[direction]: the seed-model base fine-tuned on the seed pairs (docs/method.md, Models).
+"""seed_model[direction]: the seed-model base fine-tuned on the seed pairs (METHOD.md, Models).
 
 The backward model p(x|y) learns from seed pairs reversed: the response inside the
 backtranslation prompt as input, the instruction as target. The forward model p(y|x)
@@ -37,11 +37,11 @@ def seed_training_examples(seed: pl.DataFrame, direction: str) -> list[TrainingE
 
 def build_seed_model(inst: Instance) -> dg.AssetsDefinition:
     base, settings = inst.model("seed_base"), inst.decl.seed_training
-    version = f"{training_version(inst, base, settings)};prompt={BACKTRANSLATE.version}"
+    version = f"{training_version(inst, base, settings, role='seed')};prompt={BACKTRANSLATE.version}"
 
     @stage_asset(inst, SEED_MODEL, group="training", kinds={"huggingface", "pytorch"}, checks=(LOSS, LOADS),
                  code_version=version, partitions=inst.directions, deps=[inst.key(SEED_EXAMPLES)],
-                 gpus=inst.decl.trainer.num_gpus)  # fmt: skip
+                 gpus=inst.trainer("seed").num_gpus)  # fmt: skip
     def seed_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """The seed-model base fine-tuned on the seed pairs: `backward` learns p(instruction |
         response) to backtranslate web documents, `forward` learns p(response | instruction)
@@ -55,7 +55,7 @@ def build_seed_model(inst: Instance) -> dg.AssetsDefinition:
             last.max_steps: direction
         }  # <seed_model>/<direction>: what the generation stages load
         result, index, local = fine_tune(
-            run, base, examples, last, direction, parts, {"direction": direction}
+            run, base, examples, last, direction, parts, {"direction": direction}, role="seed"
         )
         return run.report(
             pl.DataFrame({"direction": [direction]}), index[-1]["uri"], {},

@@ -1,5 +1,5 @@
 """Reading OpenAssistant seed records: from an oasst message tree, its first turn (a
-prompter root and its English reply of rank 0, neither deleted nor synthetic; docs/method.md,
+prompter root and its English reply of rank 0, neither deleted nor synthetic; METHOD.md,
 Data); from a flat record, its instruction and response fields. Every record becomes a pair
 or a drop with a reason, whatever its JSON types or Unicode."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 
 from bft_assets.filters import lone_surrogate_in
-from bft_resources.seed_source import UnreadableFile
+from bft_resources.records import UnreadableFile
 
 BAD_JSON = "bad_json"
 NOT_A_PAIR = "not_a_pair"

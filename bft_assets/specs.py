@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import dagster as dg
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, field_validator
 
-from bft_resources.engine import EngineSpec
+from bft_resources.engine import EngineSpec, OptionalEngineSpec
 from bft_resources.models import ModelRef
 from bft_resources.uris import resolve_against
 
@@ -24,7 +24,7 @@ LOAD_CONTEXT = "component_load_context"
 # evaluation set fails instead of training on 24 demo pairs.
 DEMO_DATA = "bft:demo"
 PAPER_SEED_SIZE = 3200
-PAPER_TEMPERATURE = 1.0  # docs/method.md: every generation step samples at T=1.0, top_p=0.9
+PAPER_TEMPERATURE = 1.0  # METHOD.md: every generation step samples at T=1.0, top_p=0.9
 PAPER_TOP_P = 0.9
 
 
@@ -157,14 +157,26 @@ class ScoringSpec(SamplingSpec):
 
 class RewritingSpec(SamplingSpec):
     max_new_tokens: int = Field(
-        default=1024, ge=1, description="Most tokens of a distilled answer."
+        default=1024, ge=1,
+        description="Most tokens of a distilled answer (the paper gives none; its compared responses average "
+        "468-567 tokens, Table 6).",
+    )  # fmt: skip
+    length_cap: Literal["context", "ratio"] = Field(
+        default="context",
+        description="context (the paper caps no rewrite): a rewrite may use what is left of the rewriter's context "
+        "after its own prompt, row by row; ratio: rewrite_length_ratio x its draft + rewrite_extra_tokens "
+        "(this project's earlier cap).",
+    )
+    min_room: int = Field(
+        default=1024,
+        ge=1,
+        description="context mode: a document is kept only when its rewriting prompt leaves the rewriter at least "
+        "this many tokens: about twice the paper's mean rewritten response (468 tokens, Table 6).",
     )
     rewrite_length_ratio: float = Field(
-        default=1.25,
-        gt=0,
-        description="A rewrite may take this many tokens per token of its draft (it copies the draft where it can)...",
+        default=1.25, gt=0, description="ratio mode: tokens a rewrite may take per token of its draft..."
     )
-    rewrite_extra_tokens: int = Field(default=64, ge=0, description="... plus these (the [RES] markers, a short draft's growth).")  # fmt: skip
+    rewrite_extra_tokens: int = Field(default=64, ge=0, description="ratio mode: ... plus these.")
     force_format: bool = Field(
         default=False, description="Open the reply with [RES] and stop at [/RES] (small models)."
     )
@@ -180,20 +192,42 @@ class GenerationSpec(dg.Resolvable, dg.Model):
 Annotator = Literal["bft", "weighted_alpaca_eval_gpt4_turbo", "alpaca_eval_gpt4"]
 
 
+class OtherJudge(dg.Resolvable, dg.Model):
+    """A further judge whose win rates are reported beside the main one's (BFT Table 10:
+    GPT-4 Turbo and Claude-3-Opus)."""
+
+    name: str = Field(description="Its label in the metadata.", examples=["claude3_opus"], pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    served_model: str = Field(description="The served model's name.", examples=["claude-3-opus-20240229"])
+    engine: Annotated[EngineSpec, machinery(EngineSpec)] = Field(
+        description="Usually {backend: endpoint, base_url, api_key_env}.",
+    )
+    annotator: Annotator = Field(default="weighted_alpaca_eval_gpt4_turbo", description="How it is asked and read.")
+    references: ProjectPath | None = Field(
+        default=None,
+        description="Its own reference set for the same instructions (e.g. AlpacaEval 2's GPT-4 Turbo outputs while "
+        "the main judge runs AlpacaEval 1); default: the main references.",
+    )
+
+
 class JudgeSpec(dg.Resolvable, dg.Model):
     """How the pairwise judge (``models.judge``) runs and is asked."""
 
-    engine: Annotated[EngineSpec | None, machinery(EngineSpec | None)] = Field(
+    engine: Annotated[OptionalEngineSpec, machinery(OptionalEngineSpec)] = Field(
         default=None,
         description="The judge's own engine, e.g. {backend: vllm, tensor_parallel_size: 8} for a 70B judge or "
         "{backend: endpoint, base_url, api_key_env}; default: the instance's engine.",
     )
-    annotator: Annotator = Field(
-        default="bft",
-        description="How the judge is asked and read: AlpacaEval 2's weighted_alpaca_eval_gpt4_turbo or AlpacaEval 1's "
-        "alpaca_eval_gpt4 (templates and configs from the installed alpaca-eval; with GPT-4-Turbo / GPT-4 as the judge "
-        "they give numbers comparable with the paper's tables), or bft's one-token prompt for small local judges.",
-        examples=["weighted_alpaca_eval_gpt4_turbo"],
+    annotator: Annotator | None = Field(
+        default=None,
+        description="How the judge is asked and read. Default: AlpacaEval's own annotator for the reference set "
+        "(alpaca_eval_gpt4 against text-davinci-003's outputs, AlpacaEval 1 as in BFT Tables 1 and 2; "
+        "weighted_alpaca_eval_gpt4_turbo against GPT-4 Turbo's, AlpacaEval 2, Table 10), read from the set's "
+        "`generator`; bft's one-token prompt for base-model references and other sets. AlpacaEval's templates "
+        "and configs come from the installed alpaca-eval.",
+        examples=["weighted_alpaca_eval_gpt4_turbo", "bft"],
+    )
+    others: list[OtherJudge] = Field(
+        default_factory=list, description="Further judges reported beside this one (e.g. Claude-3-Opus, Table 10)."
     )
 
 
@@ -205,10 +239,14 @@ class EvalSpec(dg.Resolvable, dg.Model):
     reference: Literal["dataset", "base_model"] = Field(
         default="dataset", description="Reference answers: the set's outputs, or the untuned base model's."
     )  # fmt: skip
-    limit: int | None = Field(default=None, ge=1, description="Evaluate the first N instructions only.")  # fmt: skip
+    limit: int | None = Field(default=None, description="Evaluate the first N instructions only (at least 1).")
     temperature: float = Field(default=0.7, ge=0, description="Answer sampling temperature (paper: 0.7).")  # fmt: skip
     top_p: float = Field(default=0.9, gt=0, le=1, description="Answer nucleus mass (paper: 0.9).")
-    max_new_tokens: int = Field(default=512, ge=1, description="Most tokens of an answer.")
+    max_new_tokens: int = Field(
+        default=2048, ge=1,
+        description="Most tokens of an answer, and at most what the prompt leaves of the model's context. The paper "
+        "gives no limit; 2048 is AlpacaEval's own generation setting (88 of its model configs, Llama-2-7B-chat's).",
+    )  # fmt: skip
     seed: int = Field(default=0, description="Sampling seed.")
     batch_rows: int = Field(default=16, ge=1, description="Instructions per persisted batch.")
     tags: list[str] = Field(default_factory=lambda: ["assistant", "web_if_needed"], description="Suffix variants.")  # fmt: skip
@@ -221,6 +259,14 @@ class EvalSpec(dg.Resolvable, dg.Model):
         default="",
         description="GPT-2-family model folder for MAUVE's features (paper: the MAUVE package's default GPT-2, gpt2-large); empty: MiniLM.",
     )
+
+    @field_validator("limit")
+    @classmethod
+    def _a_limit(cls, limit: int | None) -> int | None:
+        # A validator: pydantic cannot apply ge=1 to an optional field (None would fail it).
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit {limit}: at least 1 instruction, or leave it out for all")
+        return limit
 
 
 class S3Spec(dg.Resolvable, dg.Model):

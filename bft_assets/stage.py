@@ -26,6 +26,7 @@ import dagster as dg
 import polars as pl
 
 from bft_assets.instance import Instance, digest
+from bft_assets.policies import ONE_PARTITION_PER_RUN
 from bft_assets.prompts import llama2_inst, neutralize
 from bft_assets.reporting import sample_rows, table_metadata
 from bft_resources.engine import Chat, Engine, Generation, LoadedModel, Sampling
@@ -63,6 +64,9 @@ class Pass:
     batch_rows: int
     settings: str = ""  # what else decides the output (sampling, mode): part of its scratch key
     unit: str = "rows"
+    # Whether the asset's code version keys its scratch too; a pass whose settings already
+    # name all it depends on (a checkpoint's hash) keeps its work across unrelated edits.
+    versioned: bool = True
 
 
 def stage_asset(
@@ -88,6 +92,8 @@ def stage_asset(
         "deps": list(deps),
         "code_version": code_version,
         "check_specs": [check.spec(key) for check in checks],
+        # A backfill of N partitions is N runs: a failure (an OOM, a preempted node) costs one.
+        **({"backfill_policy": ONE_PARTITION_PER_RUN} if partitions is not None else {}),
     }
     if gpus is not None:
         arguments.update(inst.gpu_args(asset, gpus))
@@ -192,7 +198,7 @@ class StageRun:
         """One pass over ``rows`` in resumable batches: finished batches survive a crash
         and a retry does only the rest. ``tag`` tells passes of one name apart (a step)."""
         label = f"{step.name} {tag}".strip()
-        work = self.work(f"{step.name};{step.settings};{model};{tag}")
+        work = self.work(f"{step.name};{step.settings};{model};{tag}", versioned=step.versioned)
         out, stats = work.run(
             rows,
             lambda batch: step.call(loaded, batch),
@@ -203,10 +209,10 @@ class StageRun:
         self.stats[label] = stats
         return out
 
-    def work(self, settings: str) -> ResumableWork:
-        """This partition's scratch for these settings and this code version; cleared when
-        the run finishes."""
-        version = self.context.assets_def.code_versions_by_key[self.context.asset_key]
+    def work(self, settings: str, versioned: bool = True) -> ResumableWork:
+        """This partition's scratch for these settings (and this code version, unless not
+        ``versioned``); cleared when the run finishes."""
+        version = self.context.assets_def.code_versions_by_key[self.context.asset_key] if versioned else ""
         key = hashlib.sha256(f"{version};{settings}".encode()).hexdigest()[:16]
         folder = self.storage.scratch_dir(self.table, self.partition, key)
         work = ResumableWork(folder, ROW_ID, self.context.log.warning)

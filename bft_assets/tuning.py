@@ -22,9 +22,9 @@ TRAINING_VERSION = "sft-v2"
 PROBE_PROMPT = "Give one tip for writing clear documentation."
 
 
-def training_version(inst: Instance, base: ModelRef, *settings: object) -> str:
+def training_version(inst: Instance, base: ModelRef, *settings: object, role: str = "recipe") -> str:
     """What changes a trained model besides its data: the trainer, the settings, the base."""
-    return f"{TRAINING_VERSION};{digest(inst.decl.trainer, base.reference, *settings)}"
+    return f"{TRAINING_VERSION};{digest(inst.trainer(role), base.reference, *settings)}"
 
 
 def loss_check(name: str, result: TrainingResult) -> dg.AssetCheckResult:
@@ -64,14 +64,14 @@ def run_parts(run: StageRun, name: str, settings: TrainingSettings) -> dict[int,
 
 def fine_tune(
     run: StageRun, base: ModelRef, examples: Sequence[TrainingExample], settings: TrainingSettings,
-    name: str, parts: dict[int, str], manifest: dict[str, Any],
+    name: str, parts: dict[int, str], manifest: dict[str, Any], role: str = "recipe",
 ) -> tuple[TrainingResult, list[dict], dict[int, Path]]:  # fmt: skip
     """Fine-tune ``base`` with the instance's trainer, each declared step's checkpoint into
     its part of the asset's folder, each published, and the run's index written for ``name``."""
     folders = {
         step: str(run.storage.checkpoint_dir(run.table, part)) for step, part in parts.items()
     }
-    result = run.inst.decl.trainer.fine_tune(
+    result = run.inst.trainer(role).fine_tune(
         base, examples, folders[settings.max_steps], settings, fallback=llama2_inst, log=run.log,
         context=run.context, extra_manifest={**manifest, "run_id": run.context.run_id}, checkpoint_dirs=folders,
     )  # fmt: skip

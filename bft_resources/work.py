@@ -40,6 +40,15 @@ class WorkStats:
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
 
+    def rate(self) -> str:
+        """The throughput a person can read: tokens generated per second, or, where a pass
+        only reads (log-probabilities), prompt tokens per second."""
+        if not self.seconds:
+            return "no rate yet"
+        if self.completion_tokens:
+            return f"{self.completion_tokens / self.seconds:.1f} generated tokens/s"
+        return f"{self.prompt_tokens / self.seconds:.1f} prompt tokens/s"
+
 
 class ResumableWork:
     def __init__(self, folder: Path, key_column: str, log: Callable[[str], None] = _log.warning):
@@ -110,6 +119,8 @@ class ResumableWork:
         stats.reused_rows = rows.height - todo.height
         if stats.reused_rows:
             log(f"resuming: {stats.reused_rows} of {rows.height} {label} already done")
+        if todo.height:
+            log(f"{todo.height} {label} to do, {batch_rows} a batch")
         started = time.perf_counter()
         for offset in range(0, todo.height, batch_rows):
             batch = todo.slice(offset, batch_rows)
@@ -124,8 +135,8 @@ class ResumableWork:
             stats.seconds = time.perf_counter() - started
             left = todo.height - stats.rows
             eta = stats.seconds / stats.rows * left
-            log(f"{stats.reused_rows + stats.rows} of {rows.height} {label}; "
-                f"{stats.tokens_per_second:.1f} generated tokens/s; ETA {eta:.0f} s")  # fmt: skip
+            log(f"{stats.reused_rows + stats.rows} of {rows.height} {label}; {stats.rate()}; "
+                f"ETA {eta:.0f} s")  # fmt: skip
         stats.seconds = time.perf_counter() - started
         result = self.done()
         if result is None:  # nothing to do: still the output's columns, with no rows

@@ -12,6 +12,7 @@ import dagster as dg
 from bft_assets.component import BackAndForthTranslation
 from bft_assets.graph import build_instance_defs
 from bft_assets.instance import Instance
+from bft_assets.recipes import PAPER_RECIPES
 from bft_assets.specs import DEMO_DATA
 
 
@@ -25,11 +26,19 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The paper's recipes at the size a test's few documents allow (the paper's 12,800 would
+# refuse to train on them, as it should), and a seed-model schedule of two quick steps.
+SMALL_RECIPES = [{**r.model_dump(exclude={"training", "dataset"}), "generated_size": "all"} for r in PAPER_RECIPES]
+QUICK_SEED_TRAINING = {"steps": [2], "batch_size": 4, "learning_rate": 3e-3, "dropout": 0.0}
+
+
 def attributes(
     root: Path, model: str | Path, prefix: str = "t", **overrides: Any
 ) -> dict[str, Any]:
     """A small instance: demo seed and eval sets, a corpus folder under ``root``, one model."""
     body = {
+        "recipes": SMALL_RECIPES,
+        "seed_training": QUICK_SEED_TRAINING,
         "key_prefix": prefix,
         "storage": str(root / "storage"),
         "seed": {"uri": DEMO_DATA},
@@ -38,6 +47,8 @@ def attributes(
         "engine": {"batch_size": 4},
         "eval": {"uri": DEMO_DATA},
     }
+    if overrides.get("engine", {}).get("backend", "transformers") != "transformers":
+        del body["engine"]  # another backend has settings of its own
     return merged(body, overrides)
 
 
@@ -149,3 +160,10 @@ def place_checkpoint(storage, table: str, recipe: str, source, manifest: dict, s
     result = TrainingResult(str(folder), max(steps), [], [], 0.0, 0, 0)
     _, local = publish_checkpoints(storage, table, recipe, parts, result, "placed00")
     return [local[step] for step in sorted(local)]
+
+
+def table_counts(value: Any) -> dict[str, int]:
+    """A metadata table of counts (reason | rows | share) back as {reason: rows}."""
+    text = getattr(value, "value", value)
+    rows = [line.strip("|").split("|") for line in str(text).splitlines()[2:]]
+    return {cells[0].strip(): int(cells[1]) for cells in rows if len(cells) >= 2}

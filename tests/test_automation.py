@@ -19,7 +19,7 @@ from bft_resources.models import ModelRef
 
 SHARDS = ["s0", "s1", "s2"]
 SHARD_SET = "demo__corpus_shards"
-RECIPES = ["seed_only", "filtering", "rewriting", "filtering_rewriting", "filtering_distilling"]
+RECIPES = ["seed_only", "filtering", "filtering_rewriting"]  # what the demo declares
 PER_SHARD = ["candidate_responses", "backtranslated_pool", "scored_pool", "rewritten_dataset"]
 SCORED_POOL = "scored_pool"
 

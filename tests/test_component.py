@@ -346,7 +346,7 @@ def test_a_second_instance_reads_the_first_ones_seed_models(tmp_path, tiny_token
     with dg.instance_for_test() as instance:
         assert materialize(web, [SEED_EXAMPLES], instance).success
         assert materialize(web, ["seed_model"], instance, partition_key="backward").success
-        (shard,) = discover_shards(CorpusSource(uri=c4.corpus.uri), instance, c4.shards.name)
+        (shard,) = discover_shards(CorpusSource(uri=c4.decl.corpus.uri), instance, c4.shards.name)
         result = materialize(
             c4, [CANDIDATE_RESPONSES, BACKTRANSLATED_POOL], instance, partition_key=shard
         )

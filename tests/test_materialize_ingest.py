@@ -7,7 +7,7 @@ import shutil
 import dagster as dg
 import polars as pl
 import pytest
-from instances import declare, materialize, node
+from instances import declare, materialize, node, table_counts
 
 from bft_assets import filters as c
 from bft_assets.corpus import discover_shards
@@ -42,7 +42,7 @@ def test_seed_examples_from_real_oasst_trees(tmp_path, shared_data, tiny_tokeniz
     rejects = pl.read_parquet(tmp_path / "storage" / "t" / "seed_examples.rejects.parquet")
     assert meta["rows"] == table.height > 50
     assert meta["records_read"] == 100 == table.height + rejects.height
-    assert meta["dropped_root_synthetic"] == 5
+    assert table_counts(meta["drops"])["root_synthetic"] == 5
     assert all(e.passed for e in _checks(result).values()), _checks(result)
 
 
@@ -73,8 +73,8 @@ def test_candidate_responses_on_real_dolma_shards_with_smollm2(tmp_path, real_co
     assert meta["lines_read"] == 697  # PROVENANCE.md
     assert table.height + rejects.height == 697
     assert meta["rows"] == table.height and meta["lines_dropped"] == rejects.height
-    assert meta["dropped_not_english"] > 250  # most of this raw crawl is not English
-    assert meta["dropped_empty_text"] == 27  # 697 lines, 670 with non-empty text
+    assert table_counts(meta["drops"])["not_english"] > 250  # most of this raw crawl is not English
+    assert table_counts(meta["drops"])["empty_text"] == 27  # 697 lines, 670 with non-empty text
     assert table["n_tokens"].max() <= meta["token_budget"]
     assert table["id"].is_unique().all()
     checks = _checks(result)

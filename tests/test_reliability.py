@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from instances import declare, materialize, node, place_checkpoint, swapped
+from instances import declare, materialize, node, place_checkpoint, swapped, table_counts
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
@@ -395,7 +395,7 @@ def test_a_corrupt_seed_parquet_is_one_counted_drop_beside_the_good_files(tmp_pa
         result = materialize(inst, [SEED_EXAMPLES], instance)
     meta = result.asset_materializations_for_node(node(inst, SEED_EXAMPLES))[0].metadata
     assert (meta["rows"].value, meta["records_read"].value) == (2, 3)
-    assert meta[f"dropped_{UNREADABLE_FILE}"].value == 1
+    assert table_counts(meta["drops"])[UNREADABLE_FILE] == 1
     rejects = pl.read_parquet(tmp_path / "storage" / "t" / "seed_examples.rejects.parquet")
     assert (
         rejects["where"].to_list() == ["c.parquet"]

@@ -3,7 +3,7 @@ import json
 import polars as pl
 
 from bft_assets import seed_records as seed
-from bft_resources.seed_source import SeedSource
+from bft_resources.records import RecordFiles
 
 from conftest import OASST_TREES
 
@@ -24,7 +24,7 @@ def _eligible_first_turns(path) -> list[str]:
 
 
 def test_real_oasst_trees_give_first_turn_rank0_pairs(shared_data):
-    pairs, rejects, read = seed.select_seed_pairs(SeedSource(uri=str(OASST_TREES)).records(), 3200)
+    pairs, rejects, read = seed.select_seed_pairs(RecordFiles(uri=str(OASST_TREES)).records(), 3200)
     assert read == 100
     assert pairs["id"].to_list() == _eligible_first_turns(OASST_TREES)
     assert pairs.height + rejects.height == read
@@ -41,8 +41,8 @@ def test_real_oasst_trees_give_first_turn_rank0_pairs(shared_data):
 
 
 def test_cap_keeps_the_first_pairs_in_file_order(shared_data):
-    full, _, _ = seed.select_seed_pairs(SeedSource(uri=str(OASST_TREES)).records(), 3200)
-    capped, rejects, read = seed.select_seed_pairs(SeedSource(uri=str(OASST_TREES)).records(), 10)
+    full, _, _ = seed.select_seed_pairs(RecordFiles(uri=str(OASST_TREES)).records(), 3200)
+    capped, rejects, read = seed.select_seed_pairs(RecordFiles(uri=str(OASST_TREES)).records(), 10)
     assert capped["id"].to_list() == full["id"].to_list()[:10]
     assert rejects.filter(pl.col("reason") == seed.OVER_CAP).height == full.height - 10
     assert capped.height + rejects.height == read
@@ -60,7 +60,7 @@ def test_flat_pairs_jsonl_and_parquet_with_bad_lines(tmp_path):
     ]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     pairs, rejects, read = seed.select_seed_pairs(
-        SeedSource(uri=str(tmp_path / "pairs.jsonl")).records(), 100
+        RecordFiles(uri=str(tmp_path / "pairs.jsonl")).records(), 100
     )
     assert pairs["instruction"].to_list() == ["Say hi.", "Count to two."]
     assert dict(rejects.select("where", "reason").iter_rows()) == {
@@ -74,6 +74,6 @@ def test_flat_pairs_jsonl_and_parquet_with_bad_lines(tmp_path):
 
     pairs.select("instruction", "response").write_parquet(tmp_path / "pairs.parquet")
     from_parquet, _, _ = seed.select_seed_pairs(
-        SeedSource(uri=str(tmp_path / "pairs.parquet")).records(), 100
+        RecordFiles(uri=str(tmp_path / "pairs.parquet")).records(), 100
     )
     assert from_parquet["id"].to_list() == pairs["id"].to_list()

@@ -12,10 +12,14 @@ from bft_assets.instance import FINETUNED_CHECKPOINT, REWRITTEN_DATASET, SEED_EX
 from bft_assets.prompts import BACKTRANSLATE, SEED_TAG, WEB_TAG
 from bft_assets.recipes import (
     PAPER_RECIPES,
+    Need,
     Recipe,
+    ShortPool,
     assemble_training_set,
     chat_jsonl,
+    check_recipes,
     generated_pairs,
+    sample,
 )
 from bft_assets.seed_model import seed_training_examples
 from bft_resources.storage import LocalStorage
@@ -69,12 +73,18 @@ def test_upstream_stages_do_what_the_declared_recipes_need(tmp_path):
     """rewriting (every pair rewritten) makes rewritten_dataset rewrite all pairs; without
     it only pairs at the lowest declared threshold are; without a distilled recipe nothing
     is distilled."""
-    paper = declare(tmp_path, "m")
-    assert paper.needs("rewrite") == (True, None) and paper.needs("distilled") == (True, 5)
+    paper = declare(tmp_path, "m", recipes=[r.model_dump() for r in PAPER_RECIPES])
+    # rewriting filters nothing, flagged instructions included ("no intermediate filtering")
+    assert paper.needs("rewrite") == Need(True, None, True) and paper.needs("distilled") == Need(True, 5, True)
     filtered = declare(tmp_path, "m", recipes=[
         {"name": "filtering_rewriting", "responses": "rewrite", "min_score": 5},
-        {"name": "fr4", "responses": "rewrite", "min_score": 4}])  # fmt: skip
-    assert filtered.needs("rewrite") == (True, 4) and filtered.needs("distilled") == (False, None)
+        {"name": "fr4", "responses": "rewrite", "min_score": 4, "exclude_flagged": True}])  # fmt: skip
+    assert filtered.needs("rewrite") == Need(True, 4, True) and filtered.needs("distilled") == Need(False)
+
+
+def _training_set(rewritten: pl.DataFrame, recipe: Recipe, group: tuple[Recipe, ...] = ()) -> pl.DataFrame:
+    others = [generated_pairs(rewritten, r) for r in group if r is not recipe]
+    return assemble_training_set(SEED, sample(generated_pairs(rewritten, recipe), recipe, others), recipe)
 
 
 def test_training_set_tags_every_row_by_source_and_samples_deterministically():
@@ -83,9 +93,9 @@ def test_training_set_tags_every_row_by_source_and_samples_deterministically():
     def sampled(seed: int) -> Recipe:
         return RECIPES["filtering"].model_copy(update={"generated_size": 7, "sample_seed": seed})
 
-    first = assemble_training_set(SEED, rewritten, sampled(1))
-    again = assemble_training_set(SEED, rewritten, sampled(1))
-    other = assemble_training_set(SEED, rewritten, sampled(2))
+    first = _training_set(rewritten, sampled(1))
+    again = _training_set(rewritten, sampled(1))
+    other = _training_set(rewritten, sampled(2))
     assert first.equals(again) and not first.equals(other)
     assert first.filter(pl.col("source") == "generated").height == 7
     seed_rows = first.filter(pl.col("source") == "seed")
@@ -99,13 +109,43 @@ def test_training_set_tags_every_row_by_source_and_samples_deterministically():
 def test_recipes_compare_at_equal_size():
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
     sizes = {
-        r.name: assemble_training_set(
-            SEED, rewritten, r.model_copy(update={"generated_size": 10})
-        ).height
+        r.name: _training_set(rewritten, r.model_copy(update={"generated_size": 10})).height
         for r in PAPER_RECIPES
         if r.responses != "none"
     }
     assert set(sizes.values()) == {12}
+
+
+def test_the_paper_recipes_declare_the_papers_sizes_and_a_short_pool_fails_naming_the_numbers():
+    assert {r.generated_size for r in PAPER_RECIPES if r.responses != "none"} == {12_800}
+    rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])  # 30 pairs scored 5
+    with pytest.raises(ShortPool, match=r"recipe filtering: its pool holds 30 pairs but it declares generated_size 12800"):
+        _training_set(rewritten, RECIPES["filtering"])
+    everything = RECIPES["filtering"].model_copy(update={"generated_size": "all"})
+    assert _training_set(rewritten, everything).filter(pl.col("source") == "generated").height == 30
+
+
+def test_recipes_sharing_instructions_draw_the_same_sample():
+    """BFT Table 2: filtering+rewriting and filtering+distilling on the same instructions,
+    drawn from the pairs both can use (here: scored 5, a rewrite AND a distilled answer)."""
+    rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
+    pair = tuple(r.model_copy(update={"generated_size": 8}) for r in PAPER_RECIPES if r.shared_instructions)
+    assert {r.name for r in pair} == {"filtering_rewriting", "filtering_distilling"}
+    chosen = [set(_training_set(rewritten, r, pair).filter(pl.col("source") == "generated")["id"]) for r in pair]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 8
+    assert all(i.endswith("pass-ok") for i in chosen[0])  # the only pairs with both answers
+    alone = [set(_training_set(rewritten, r).filter(pl.col("source") == "generated")["id"]) for r in pair]
+    assert alone[0] != alone[1]  # drawn apart, they would not share their instructions
+    with pytest.raises(ValueError, match="must declare the same min_score, generated_size and sample_seed"):
+        check_recipes([pair[0], pair[1].model_copy(update={"sample_seed": 3})])
+
+
+def test_only_a_declared_option_leaves_flagged_instructions_out():
+    rewritten = _rewritten().with_columns(rewrite_status=pl.lit("ok"), rewrite=pl.lit("rw"))
+    rewriting = RECIPES["rewriting"]
+    assert "flagged" in generated_pairs(rewritten, rewriting)["id"].to_list()  # the paper filters nothing
+    strict = rewriting.model_copy(update={"exclude_flagged": True})
+    assert "flagged" not in generated_pairs(rewritten, strict)["id"].to_list()
 
 
 def test_seed_model_directions_reverse_the_pairs():
@@ -124,7 +164,7 @@ FAST = {"learning_rate": 3e-3, "steps": [4], "batch_size": 4, "dropout": 0.0}
 def _trainable(tmp_path, model, **overrides):
     seed_file = tmp_path / "seed.jsonl"
     seed_file.write_text("".join(json.dumps(r) + "\n" for r in SEED.to_dicts()))
-    base = {"seed": {"uri": str(seed_file)}, "training": FAST, "engine": {"dtype": "float32"},
+    base = {"seed": {"uri": str(seed_file)}, "training": FAST, "seed_training": FAST, "engine": {"dtype": "float32"},
             "trainer": {"micro_batch_size": 2, "log_every": 1}}  # fmt: skip
     return declare(tmp_path, model, **merged(base, overrides))
 

@@ -119,6 +119,23 @@ def identifier_verdict(first: str, second: str) -> Callable[[str], float | None]
     return read
 
 
+# The reference sets of AlpacaEval's two leaderboards, by the `generator` their outputs carry,
+# and the annotator each leaderboard judges with.
+REFERENCE_ANNOTATORS = {"text_davinci_003": ALPACA_EVAL_1, "gpt4_1106_preview": ALPACA_EVAL_2,
+                        "gpt4_turbo": ALPACA_EVAL_2}  # fmt: skip
+
+
+def choose_annotator(declared: str | None, reference: str, generators: list[str | None]) -> str:
+    """The declared annotator; else AlpacaEval's own for the reference set's generator, and
+    bft's prompt for base-model references or a set AlpacaEval does not know."""
+    if declared is not None:
+        return declared
+    if reference != "dataset":
+        return BFT
+    named = {REFERENCE_ANNOTATORS.get(g or "") for g in generators}
+    return named.pop() if len(named) == 1 and None not in named else BFT
+
+
 @cache
 def annotator(name: str) -> Annotator:
     if name == BFT:

@@ -3,15 +3,20 @@ suffix, and the references (the eval set's own outputs, or the untuned base mode
 once per instance)."""
 
 import hashlib
+from dataclasses import replace
+from pathlib import Path
 
 import polars as pl
 
+from bft_assets.checkpoint_index import verified_checkpoints
+from bft_assets.instance import FINETUNED_CHECKPOINT
 from bft_assets.prompts import EVAL_TAGS
 from bft_assets.recipes import tag
 from bft_assets.specs import DEMO_DATA, EvalSpec
 from bft_assets.stage import ROW_ID, Pass, StageRun
 from bft_resources.engine import Chat, LoadedModel, Sampling
 from bft_resources.eval_source import EvalSetSource
+from bft_resources.models import ModelRef
 
 
 def eval_set(spec: EvalSpec) -> tuple[pl.DataFrame, int]:
@@ -25,20 +30,28 @@ def eval_set(spec: EvalSpec) -> tuple[pl.DataFrame, int]:
     ), loaded.duplicates_dropped
 
 
+def capped(model: LoadedModel, chats: list[Chat], sampling: Sampling) -> Sampling | list[Sampling]:
+    """``sampling`` with each answer's cap cut to what its prompt leaves of the model's
+    context (vLLM refuses a longer request; a transformers model would run past its window)."""
+    window = model.context_window
+    if window is None:
+        return sampling
+    return [replace(sampling, max_tokens=max(1, min(sampling.max_tokens, window - n))) for n in model.prompt_tokens(chats)]
+
+
 def answer_pass(suffix: str, sampling: Sampling, batch_rows: int, asked: str = "") -> Pass:
     """Answers to the evaluation instructions with one suffix (``asked``: a digest of the
     instructions, so resumed answers are answers to these very ones)."""
 
     def answer(model: LoadedModel, rows: pl.DataFrame) -> pl.DataFrame:
-        replies = model.generate(
-            [Chat(tag(i, EVAL_TAGS[suffix])) for i in rows["instruction"]], sampling
-        )
+        chats = [Chat(tag(i, EVAL_TAGS[suffix])) for i in rows["instruction"]]
+        replies = model.generate(chats, capped(model, chats, sampling))
         tokens = pl.Series([r.completion_tokens for r in replies], dtype=pl.Int64)
         return pl.DataFrame({ROW_ID: rows[ROW_ID], "answer": [r.text.strip() for r in replies], "answer_tokens": tokens,
                              "prompt_tokens": pl.Series([r.prompt_tokens for r in replies], dtype=pl.Int64),
                              "completion_tokens": tokens})  # fmt: skip
 
-    return Pass(suffix, answer, batch_rows, f"{sampling};{asked}", "answers")
+    return Pass(suffix, answer, batch_rows, f"{sampling};{asked}", "answers", versioned=False)
 
 
 def references(
@@ -69,3 +82,19 @@ def references(
     made = answers.select(ROW_ID, pl.col("answer").alias("reference"))
     run.storage.write(run.table, made, partition="_references", suffix=key)
     return made
+
+
+def answer_all(run: StageRun, rows: pl.DataFrame, spec: EvalSpec, sampling: Sampling) -> tuple[pl.DataFrame, dict[int, Path]]:
+    """Every declared step's answers to every instruction with each suffix, and each
+    step's checkpoint folder (verified against the hash its training run recorded)."""
+    checkpoints = verified_checkpoints(run.storage, run.inst.table(FINETUNED_CHECKPOINT), run.partition)
+    # Resumed answers must come from this very checkpoint (its hash) and eval set.
+    asked = hashlib.sha256("\x00".join(rows["instruction"]).encode()).hexdigest()[:12]
+    answered = []
+    for step, (folder, sha) in checkpoints.items():
+        with run.load(run.inst.engine(), ModelRef(model=str(folder))) as model:
+            for suffix in spec.tags:
+                answers = run.run_pass(model, answer_pass(suffix, sampling, spec.batch_rows, asked), rows, sha, f"step{step}")
+                answered.append(rows.join(answers.select(ROW_ID, "answer", "answer_tokens"), on=ROW_ID).with_columns(
+                    variant=pl.lit(suffix), step=pl.lit(step, dtype=pl.Int64), checkpoint_sha256=pl.lit(sha)))  # fmt: skip
+    return pl.concat(answered), {step: folder for step, (folder, _) in checkpoints.items()}

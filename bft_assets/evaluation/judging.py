@@ -12,7 +12,8 @@ import polars as pl
 
 from bft_assets.evaluation.annotators import BFT, Annotator, annotator
 from bft_assets.stage import StageRun, safe
-from bft_resources.engine import Chat, LoadedModel, LogprobsUnavailable, Sampling
+from bft_resources.engine import Chat, Engine, LoadedModel, LogprobsUnavailable, Sampling
+from bft_resources.models import ModelRef
 
 LOGPROBS, TEXT, UNREAD = "logprobs", "text", "unread"
 JUDGEMENTS = "judgements"
@@ -106,20 +107,22 @@ def judge_all(
 
 
 def judge_pairs(
-    run: StageRun, pairs: pl.DataFrame, reader: Annotator, batch: int
-) -> tuple[pl.DataFrame, int]:
+    run: StageRun, pairs: pl.DataFrame, reader: Annotator, batch: int, engine: Engine, model: ModelRef,
+    name: str = "",
+) -> tuple[pl.DataFrame, int]:  # fmt: skip
     """``pairs`` (instruction, answer, reference) with both orders' verdicts, the combined
     preference and whether the orders agree; and how many judgements came from the cache
-    (the recipe's judgements table, written after every batch: a re-run re-judges nothing
-    that did not change, and a judge that fails mid-run loses nothing already judged)."""
-    model, engine = run.inst.model("judge"), run.inst.engine("judge")
+    (the recipe's judgements table, one per judge ``name``, written after every batch: a
+    re-run re-judges nothing that did not change, and a judge that fails mid-run loses
+    nothing already judged)."""
     judge = f"{engine.backend}:{model.reference}"
+    table = f"{JUDGEMENTS}_{name}" if name else JUDGEMENTS
     keyed = pairs.with_columns(judgement_key=pl.struct("instruction", "answer", "reference").map_elements(
         lambda r: judgement_key(r["instruction"], r["answer"], r["reference"], judge, reader.version),
         return_dtype=pl.String))  # fmt: skip
-    stored = run.storage.exists(run.table, run.partition, JUDGEMENTS)
+    stored = run.storage.exists(run.table, run.partition, table)
     cached = (
-        run.storage.read(run.table, run.partition, JUDGEMENTS)
+        run.storage.read(run.table, run.partition, table)
         if stored
         else pl.DataFrame(schema=CACHE_SCHEMA)
     )
@@ -130,8 +133,8 @@ def judge_pairs(
     )
 
     def save() -> None:
-        table = pl.DataFrame([(k, *v) for k, v in cache.items()], schema=CACHE_SCHEMA, orient="row")
-        run.storage.write(run.table, table, partition=run.partition, suffix=JUDGEMENTS)
+        verdicts = pl.DataFrame([(k, *v) for k, v in cache.items()], schema=CACHE_SCHEMA, orient="row")
+        run.storage.write(run.table, verdicts, partition=run.partition, suffix=table)
 
     if todo.height:
         with run.load(engine, model) as loaded:

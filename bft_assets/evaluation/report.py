@@ -8,7 +8,9 @@ import dagster as dg
 import polars as pl
 
 from bft_assets.checks import rate_floor_check
-from bft_assets.evaluation.win_rates import recipe_table
+from bft_assets.evaluation.annotators import ALPACA_EVAL_2, Annotator
+from bft_assets.evaluation.lc import lc_scores
+from bft_assets.evaluation.win_rates import recipe_table, variant_scores
 from bft_assets.instance import EVAL_SCORES, Instance
 from bft_assets.reporting import markdown_table
 from bft_assets.specs import EvalSpec
@@ -95,3 +97,12 @@ def eval_checks(results: pl.DataFrame, scores: dict, spec: EvalSpec) -> list[dg.
         dg.AssetCheckResult(check_name=WIN_RATES.check_name, passed=rates_ok,
                             metadata={f"{v}_win_rate": scores[f"{v}_win_rate"] for v in spec.tags}),
     ]  # fmt: skip
+
+
+def scores_by_step(results: pl.DataFrame, tags: list[str], reader: Annotator) -> dict[int, dict]:
+    """Each step's scores per suffix; the length-controlled win rate on AlpacaEval 2 only
+    (its GLM and instruction difficulties are fitted to GPT-4 Turbo's verdicts)."""
+    lc = lc_scores if reader.name == ALPACA_EVAL_2 else None
+    return {step: {k: v for suffix in tags for k, v in variant_scores(results.filter(pl.col("step") == step), suffix,
+                                                                      lc).items()}
+            for step in results["step"].unique().sort()}  # fmt: skip

@@ -7,9 +7,7 @@
 A new backend is one module with one ``Engine`` subclass, added to ``EngineSpec``.
 """
 
-from typing import Annotated, Any
-
-from pydantic import Discriminator, Tag, TypeAdapter
+from pydantic import TypeAdapter
 
 from bft_resources.engine.base import (
     Chat,
@@ -27,18 +25,11 @@ from bft_resources.engine.vllm import VllmEngine
 BACKENDS = ("transformers", "vllm", "endpoint")
 
 
-def _backend(value: Any) -> str:
-    """The backend a declaration names; transformers where it names none."""
-    found = value.get("backend") if isinstance(value, dict) else getattr(value, "backend", None)
-    return found or "transformers"
-
-
-EngineSpec = Annotated[
-    Annotated[TransformersEngine, Tag("transformers")]
-    | Annotated[VllmEngine, Tag("vllm")]
-    | Annotated[EndpointEngine, Tag("endpoint")],
-    Discriminator(_backend),
-]
+# One union, no discriminator field required: each backend's `backend` is a Literal with a
+# default and unknown settings are forbidden, so pydantic's smart union picks the one backend
+# a declaration fits; with no `backend` that is transformers (the first that fits).
+EngineSpec = TransformersEngine | VllmEngine | EndpointEngine
+OptionalEngineSpec = TransformersEngine | VllmEngine | EndpointEngine | None
 
 
 def engine_from(value: object) -> Engine:
@@ -56,6 +47,7 @@ __all__ = [
     "Generation",
     "LoadedModel",
     "LogprobsUnavailable",
+    "OptionalEngineSpec",
     "Sampling",
     "TransformersEngine",
     "VllmEngine",
