@@ -1,5 +1,5 @@
 """How long a web document may be: it must fit, with its generation budget, every prompt it
-travels through (METHOD.md, Data: ``len(tokens(text)) + prompt_overhead + max_new_tokens <=
+travels through (docs/method.md, Data: ``len(tokens(text)) + prompt_overhead + max_new_tokens <=
 context_window``, applied to backtranslation, scoring and rewriting alike).
 
 A document of n tokens needs, in the base model's context window W:

@@ -50,7 +50,7 @@ from bft_assets.specs import (
 from bft_resources.engine import EngineSpec, TransformersEngine
 from bft_resources.trainer import Trainer, TrainingSettings
 
-# The paper does not give the seed models' schedule (METHOD.md, Models); this project's
+# The paper does not give the seed models' schedule (docs/method.md, Models); this project's
 # choice is the recipes' 7B schedule, one run to its last step (1,200 steps of batch 32).
 SEED_TRAINING = TrainingSettings(steps=[1200])
 

@@ -2,7 +2,7 @@
 asks of the upstream stages, how its training set is assembled, and its own version.
 
 A recipe trains the base model on the seed pairs plus a selection of generated pairs
-(METHOD.md, step 4): ``filtering`` (the web responses of pairs scored 5), ``rewriting``
+(docs/method.md, step 4): ``filtering`` (the web responses of pairs scored 5), ``rewriting``
 (every pair's rewrite: "no intermediate filtering"), ``filtering_rewriting`` (rewrites of
 pairs scored 5), ``filtering_distilling`` (the chat model's own answers to those
 instructions) and ``seed_only``. Each source is tagged as the paper tags it.

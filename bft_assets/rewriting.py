@@ -1,4 +1,4 @@
-"""rewritten_dataset: the aligned chat model rewrites responses (METHOD.md step 3) and, for
+"""rewritten_dataset: the aligned chat model rewrites responses (docs/method.md step 3) and, for
 the filtering_distilling baseline, answers the instructions directly.
 
 One table per shard holds every scored pair with its score, its rewrite and its distilled

@@ -3,7 +3,7 @@
 Reads the oasst export's message trees (``*.trees.jsonl``: one tree a line, a prompter root
 with ``replies``) or flat pairs (JSONL or Parquet with instruction/response columns). From a
 tree it keeps the root prompt and its reply of rank 0, English, neither deleted nor
-synthetic (METHOD.md, Data); the first ``max_examples`` in file order are kept.
+synthetic (docs/method.md, Data); the first ``max_examples`` in file order are kept.
 """
 
 import dagster as dg

@@ -1,4 +1,4 @@
-"""seed_model[direction]: the seed-model base fine-tuned on the seed pairs (METHOD.md, Models).
+"""seed_model[direction]: the seed-model base fine-tuned on the seed pairs (docs/method.md, Models).
 
 The backward model p(x|y) learns from seed pairs reversed: the response inside the
 backtranslation prompt as input, the instruction as target. The forward model p(y|x)

@@ -1,5 +1,5 @@
 """Reading OpenAssistant seed records: from an oasst message tree, its first turn (a
-prompter root and its English reply of rank 0, neither deleted nor synthetic; METHOD.md,
+prompter root and its English reply of rank 0, neither deleted nor synthetic; docs/method.md,
 Data); from a flat record, its instruction and response fields. Every record becomes a pair
 or a drop with a reason, whatever its JSON types or Unicode."""
 

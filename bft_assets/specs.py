@@ -24,7 +24,7 @@ LOAD_CONTEXT = "component_load_context"
 # evaluation set fails instead of training on 24 demo pairs.
 DEMO_DATA = "bft:demo"
 PAPER_SEED_SIZE = 3200
-PAPER_TEMPERATURE = 1.0  # METHOD.md: every generation step samples at T=1.0, top_p=0.9
+PAPER_TEMPERATURE = 1.0  # docs/method.md: every generation step samples at T=1.0, top_p=0.9
 PAPER_TOP_P = 0.9
 
 

@@ -1,5 +1,5 @@
 """finetuned_checkpoint[recipe]: the base model fine-tuned on seed pairs plus one declared
-recipe's generated pairs, each source tagged as METHOD.md (step 4) says; what a recipe
+recipe's generated pairs, each source tagged as docs/method.md (step 4) says; what a recipe
 selects is ``bft_assets.recipes``."""
 
 import dagster as dg

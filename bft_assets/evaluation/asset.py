@@ -1,5 +1,5 @@
 """eval_scores[recipe]: how good is the model a recipe trained, and what did its data look like
-(METHOD.md step 5).
+(docs/method.md step 5).
 
 Every declared step's checkpoint answers every evaluation instruction with each evaluation
 suffix (T=0.7, top_p=0.9); a judge compares each answer with the reference answer in both
