@@ -257,7 +257,14 @@ def reference() -> list[Section]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ") if "\\|" not in text else text
+    """Prose in a table cell: pipes, angle brackets and asterisks shown as written."""
+    text = text.replace("\n", " ")
+    if "\\|" not in text:
+        text = text.replace("|", "\\|")
+    parts = text.split("`")  # odd parts are code spans: shown as they are
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;").replace("*", "\\*")
+    return "`".join(parts)
 
 
 def _examples(examples: list[Any]) -> str:
