@@ -122,7 +122,7 @@ def record_whole_graph(defs: dg.Definitions, instance: dg.DagsterInstance) -> No
     """Every partition of every materializable asset recorded as built, upstream first, and
     every corpus shard observed."""
     graph = defs.resolve_asset_graph()
-    by_key = {a.key: a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
+    by_key = {a.key: a for a in defs.assets if isinstance(a, dg.AssetsDefinition | dg.SourceAsset)}
     for key in graph.toposorted_asset_keys:
         asset = by_key.get(key)
         if asset is None:
@@ -130,7 +130,7 @@ def record_whole_graph(defs: dg.Definitions, instance: dg.DagsterInstance) -> No
         if key.path[-1] == "recipes":  # observed for real: the recipe declarations' versions
             observe_recipes(asset, instance)
             continue
-        if not asset.is_materializable:
+        if isinstance(asset, dg.SourceAsset) or not asset.is_materializable:
             for shard in partitions_of(asset, instance):
                 instance.report_runless_asset_event(
                     dg.AssetObservation(

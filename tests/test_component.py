@@ -355,3 +355,80 @@ def test_a_second_instance_reads_the_first_ones_seed_models(tmp_path, tiny_token
     assert pool["model"].unique().to_list() == [
         str(Path(web.decl.storage) / "web" / "seed_model" / "backward")
     ]
+
+
+def _observe_recipes(defs: dg.Definitions, instance: dg.DagsterInstance, prefix: str) -> int:
+    """One tick of the instance's recipe sensor, its observations recorded as the daemon
+    records them; how many recipes it saw changed."""
+    sensor = defs.get_repository_def().get_sensor_def(f"{prefix}__recipe_sensor")
+    with dg.build_sensor_context(instance=instance) as context:
+        result = sensor.evaluate_tick(context)
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
+    return len(result.asset_events)
+
+
+def test_adding_or_editing_one_recipe_stales_only_that_recipe(host, tiny_tokenizer_model):
+    """Through Dagster's own staleness resolver: a sixth recipe's partitions are the only ones
+    to build; editing its min_score stales its own checkpoint and evaluation, nothing else
+    (a recipe's declaration is its data version, observed by the recipe sensor)."""
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("web__corpus_shards", ["s0"])
+        instance.add_dynamic_partitions("c4__corpus_shards", ["s0"])
+        with _host_defs(host) as defs:
+            record_whole_graph(defs, instance)
+            assert _observe_recipes(defs, instance, "web") == 0  # observed while recorded
+            assert _stale(defs, instance) == set()
+
+        body = _instance_yaml(host, "web", tiny_tokenizer_model)
+        body["attributes"]["recipes"].append(
+            {"name": "filtering_4", "responses": "web", "min_score": 4, "generated_size": "all"}
+        )
+        _write_instance(host, "web", body)
+        sixth = {f"web/{asset}[filtering_4]" for asset in (FINETUNED_CHECKPOINT, EVAL_SCORES)}
+        with _host_defs(host) as defs:
+            assert _observe_recipes(defs, instance, "web") == 1
+            assert _stale(defs, instance) == sixth
+            for asset in (FINETUNED_CHECKPOINT, EVAL_SCORES):
+                assert record_built(instance, defs.get_assets_def(dg.AssetKey(["web", asset])), "filtering_4")
+            assert _stale(defs, instance) == set()
+
+        body["attributes"]["recipes"][-1]["min_score"] = 3
+        _write_instance(host, "web", body)
+        with _host_defs(host) as defs:
+            assert _observe_recipes(defs, instance, "web") == 1  # only the edited recipe changed
+            assert _stale(defs, instance) == sixth
+
+
+def test_a_judge_declares_its_own_engine(tmp_path, tiny_tokenizer_model):
+    """The judge holds an engine like every model role: a 70B judge on vLLM over 8 GPUs
+    while the stages generate with transformers; its step asks for the 8 GPUs."""
+    from bft_assets.graph import build_instance_defs
+    from bft_assets.policies import GPUS_TAG
+    from bft_resources.engine import EndpointEngine, TransformersEngine, VllmEngine
+
+    inst = declare(tmp_path, tiny_tokenizer_model, judge={"engine": {"backend": "vllm", "tensor_parallel_size": 8}})
+    assert type(inst.engine("judge")) is VllmEngine and inst.engine("judge").tensor_parallel_size == 8
+    assert type(inst.engine()) is TransformersEngine
+    evaluated = build_instance_defs(inst).get_assets_def(inst.key(EVAL_SCORES))
+    assert evaluated.op.tags[GPUS_TAG] == "8"
+    remote = declare(tmp_path, tiny_tokenizer_model, judge={"engine": {
+        "backend": "endpoint", "base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"}})  # fmt: skip
+    assert type(remote.engine("judge")) is EndpointEngine and remote.engine("judge").api_key_env == "OPENAI_API_KEY"
+
+
+def test_translation_sets_groups_owners_tags_and_op_tags_per_asset(tmp_path, tiny_tokenizer_model):
+    from bft_assets.graph import build_instance_defs
+
+    inst = declare(tmp_path, tiny_tokenizer_model,
+                   translation={"group_name": "bft_{{ asset }}", "owners": ["team:gpu"], "tags": {"tier": "gold"}},
+                   op_tags={"rewritten_dataset": {"team": "rewrites"}})  # fmt: skip
+    defs = build_instance_defs(inst)
+    rewritten = defs.get_assets_def(inst.key(REWRITTEN_DATASET))
+    spec = rewritten.specs_by_key[inst.key(REWRITTEN_DATASET)]
+    assert spec.group_name == "bft_rewritten_dataset" and spec.owners == ["team:gpu"]
+    assert spec.tags["tier"] == "gold" and rewritten.op.tags["team"] == "rewrites"
+    seed = defs.get_assets_def(inst.key(SEED_EXAMPLES)).specs_by_key[inst.key(SEED_EXAMPLES)]
+    assert seed.group_name == "bft_seed_examples"
+    with pytest.raises(ValueError, match="cannot be renamed"):
+        build_instance_defs(declare(tmp_path, tiny_tokenizer_model, translation={"key": "elsewhere"}))

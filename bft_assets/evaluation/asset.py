@@ -81,7 +81,8 @@ def build_eval_scores(inst: Instance) -> dg.AssetsDefinition:
 
     @stage_asset(inst, EVAL_SCORES, group="evaluation", kinds={"huggingface", "polars"}, code_version=version,
                  checks=(*RULES, ALL_JUDGED, AGREEMENT, WIN_RATES), partitions=inst.recipe_partitions,
-                 deps=[inst.key(FINETUNED_CHECKPOINT), every_shard, inst.key(RECIPES)], gpus=inst.engine().gpus)  # fmt: skip
+                 deps=[inst.key(FINETUNED_CHECKPOINT), every_shard, inst.key(RECIPES)],
+                 gpus=max(inst.engine().gpus, inst.engine("judge").gpus))  # fmt: skip
     def eval_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         """Win rate (with standard error), length-controlled win rate and answer lengths of
         the recipe's fine-tuned model against reference answers, judged pairwise in both
