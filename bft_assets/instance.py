@@ -179,8 +179,11 @@ class Instance:
             return declared.reference
         source = self.seed_model_key()
         assert source is not None
+        if not self.trains_seed_model():  # another instance's: its own declaration versions it
+            return f"{source.to_user_string()}[{direction}]"
         base = self.model("seed_base").reference
-        return f"{source.to_user_string()}[{direction}] trained from {base}"
+        schedule = digest(self.decl.seed_training, self.trainer("seed"))
+        return f"{source.to_user_string()}[{direction}] trained from {base} ({schedule})"
 
     def stage_model(self, direction: str) -> ModelRef:
         """The model a generation stage loads: the declared model of its direction, or the

@@ -53,8 +53,9 @@ def rewrite_passes(inst: Instance) -> tuple[Pass, Pass]:
         prompts = model.prompt_tokens([Chat(m, assistant_prefix=prefix) for m in messages]) if model.context_window else []
         caps = rewrite_caps(prompts or [0] * batch.height, batch["n_tokens"].to_list(), model.context_window,
                             inst.decl.generation)  # fmt: skip
-        return generate(model, batch, messages, [replace(rewrite_sampling, max_tokens=c) for c in caps],
-                        "rewrite_reply", prefix)  # fmt: skip
+        replies = generate(model, batch, messages, [replace(rewrite_sampling, max_tokens=c) for c in caps],
+                           "rewrite_reply", prefix)  # fmt: skip
+        return replies.with_columns(rewrite_cap=pl.Series(caps, dtype=pl.Int64))
 
     def distill(model, batch: pl.DataFrame) -> pl.DataFrame:
         messages = [DISTILL.render(instruction=safe(model)(i)) for i in batch["instruction"]]

@@ -124,7 +124,8 @@ def test_the_key_set_is_exact_across_settling():
 
 def test_a_document_at_the_budget_fits_every_prompt_it_goes_through(smollm2):
     """At the budget, the backtranslation, scoring and rewriting prompts each fit the base
-    model's context with their own generation budget (the rewrite's follows the document)."""
+    model's context with their own generation budget (the rewrite's: min_room by default, or
+    the ratio cap that follows the document)."""
     from bft_assets.budget import document_budget, message_tokens, rewrite_tokens
     from bft_assets.prompts import BACKTRANSLATE, REWRITE, SCORE
     from bft_assets.specs import GenerationSpec
@@ -132,7 +133,7 @@ def test_a_document_at_the_budget_fits_every_prompt_it_goes_through(smollm2):
     count = message_tokens(smollm2)
     tokenizer = smollm2.tokenizer()
     for window, generation in ((4096, GenerationSpec()), (2048, GenerationSpec.model_validate(
-            {"scoring": {"mode": "logprobs"}, "rewriting": {"rewrite_length_ratio": 1.0}}))):  # fmt: skip
+            {"scoring": {"mode": "logprobs"}, "rewriting": {"length_cap": "ratio", "rewrite_length_ratio": 1.0}}))):  # fmt: skip
         budget = document_budget(count, window, generation)
         text = " ".join(["The parser reads each line and returns the records it found."] * 400)
         document = tokenizer.decode(
@@ -145,10 +146,12 @@ def test_a_document_at_the_budget_fits_every_prompt_it_goes_through(smollm2):
             tokenizer(text, add_special_tokens=False)["input_ids"][:instruction_budget]
         )
         reply = 1 if generation.scoring.mode == "logprobs" else generation.scoring.max_new_tokens
+        rewriting = generation.rewriting
+        room = rewriting.min_room if rewriting.length_cap == "context" else rewrite_tokens(n, generation)
         needs = {
             "backtranslation": count(BACKTRANSLATE.render(response=document)) + instruction_budget,
             "scoring": count(SCORE.render(generated_instruction=instruction, output=document)) + reply,
-            "rewriting": count(REWRITE.render(response=document, instruction=instruction)) + rewrite_tokens(n, generation),
+            "rewriting": count(REWRITE.render(response=document, instruction=instruction)) + room,
         }  # fmt: skip
         assert all(need <= window for need in needs.values()), (window, needs, budget)
         assert max(needs.values()) > window - 64  # and the budget is not wasted: one is nearly full

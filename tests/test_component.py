@@ -278,10 +278,21 @@ def test_dg_lists_the_component_and_scaffolds_a_starter_that_loads(host):
     starter = (host / "src" / "host" / "defs" / "my_web" / "defs.yaml").read_text()
     assert "EMBEDDED model" in starter and "DEMO data" in starter  # clearly labelled
     assert yaml.safe_load(starter)["attributes"]["key_prefix"] == "my_web"
+    # the paper's presets (BFT Tables 1 and 2) scaffold beside it and pass the same check
+    for preset in ("paper-7b", "paper-70b"):
+        params = json.dumps({"preset": preset})
+        made = _dg(host, "scaffold", "defs", "bft_assets.BackAndForthTranslation", preset.replace("-", "_"),
+                   "--json-params", params)  # fmt: skip
+        assert made.returncode == 0, made.stdout + made.stderr
     checked = _dg(host, "check", "defs")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     with _host_defs(host) as defs:
         assert defs.get_assets_def(dg.AssetKey(["my_web", SEED_EXAMPLES]))
+        seventy = defs.get_assets_def(dg.AssetKey(["paper_70b", FINETUNED_CHECKPOINT]))
+        assert "filtering_distilling" in seventy.partitions_def.get_partition_keys()
+    written = yaml.safe_load((host / "src" / "host" / "defs" / "paper_7b" / "defs.yaml").read_text())
+    assert written["attributes"]["models"]["seed_base"] == "meta-llama/Llama-2-70b-hf"
+    assert written["attributes"]["training"]["steps"] == [600, 900, 1200]
 
 
 def _fake_hub_model(cache: Path, repo: str, revision: str, good: Path) -> None:
