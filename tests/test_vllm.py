@@ -212,10 +212,15 @@ def test_a_declared_cuda_device_fails_clearly_on_the_cpu_build():
 
 
 @pytest.mark.parametrize("separate_process", [False, True], ids=["in-process", "own-process"])
-def test_no_vllm_process_is_left_after_the_block(separate_process):
+def test_no_vllm_process_is_left_after_the_block(separate_process, monkeypatch):
     """The CPU default runs the engine core in this process; on a GPU it has its own (and
     its workers): either way nothing of it outlives the step, not even a zombie."""
+    import os
+
     import torch
+
+    # vLLM would let this variable override kv_cache_memory_bytes: the declared size wins
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
 
     before = _own_children()
     set_num_threads = torch.set_num_threads
@@ -228,6 +233,7 @@ def test_no_vllm_process_is_left_after_the_block(separate_process):
         assert reply.completion_tokens == 4
         config = model.llm.llm_engine.vllm_config.cache_config
         assert config.kv_cache_memory_bytes == GIB // 2  # a declared size is honoured too
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"  # and the environment given back
     after = _own_children()
     started = set(during) - set(before)
     if separate_process:
