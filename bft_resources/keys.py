@@ -12,6 +12,11 @@ import re
 
 _SEGMENT = re.compile(r"[\w+=@-][\w.+=@ -]*", re.ASCII)
 MAX_SEGMENT_BYTES = 200
+# A declared name (a key prefix, a recipe) becomes part of path segments with more appended
+# (``<recipe>.step<N>.<run>.summary.parquet``): ASCII, and at most this long, so that every
+# segment made from it stays within MAX_SEGMENT_BYTES. The declaration is checked against it
+# when it loads, not when storage first refuses a path.
+MAX_NAME_CHARS = 64
 
 
 class UnsafeKeyError(ValueError):
