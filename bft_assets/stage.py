@@ -155,7 +155,9 @@ class StageRun:
         self.table = inst.table(self.asset)
         self.storage = inst.storage
         self.log = context.log.info
-        self.partition = inst.partition(context) if context.has_partition_key else None
+        # A backfill run carries its one partition as a range (start == end), not as a key.
+        partitioned = context.has_partition_key or context.has_partition_key_range
+        self.partition = inst.partition(context) if partitioned else None
         self.stats: dict[str, WorkStats] = {}
         self.served: str | None = None
         self._works: list[ResumableWork] = []

@@ -35,6 +35,26 @@ query Status($id: String!) {
 }"""
 
 
+METADATA = """
+query Metadata($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    ... on Asset { assetMaterializations(limit: 1) { metadataEntries {
+      __typename label
+      ... on MarkdownMetadataEntry { mdStr }
+      ... on FloatMetadataEntry { floatValue }
+      ... on IntMetadataEntry { intValue }
+    } } }
+  }
+}"""
+
+
+def _read_back_metadata(url: str, key: list[str]) -> dict[str, dict]:
+    """The latest materialization's metadata as the UI receives it, by label."""
+    asset = graphql(url, METADATA, {"key": {"path": key}})["assetOrError"]
+    (latest,) = asset["assetMaterializations"]
+    return {entry["label"]: entry for entry in latest["metadataEntries"]}
+
+
 def _train_backward_model(home: Path, model: Path) -> None:
     """backtranslated_pool reads seed_model[backward]: train it first (a few steps), into the
     demo instance's storage."""
@@ -112,6 +132,15 @@ def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tok
             status,
             (home / "dagster-dev.log").read_text()[-3000:],
         )
+        # what a person reads at a glance reaches the UI as tables (Markdown the UI renders)
+        # and numbers it plots, zero counts left out
+        meta = _read_back_metadata(url, ["demo", "candidate_responses"])
+        for label in ("n_tokens", "budget"):
+            assert meta[label]["__typename"] == "MarkdownMetadataEntry", meta[label]
+        assert meta["n_tokens"]["mdStr"].splitlines()[0] == "| p5 | p50 | p95 | max |"
+        assert meta["budget"]["mdStr"].startswith("| prompt | overhead_tokens | longest_document |")
+        assert meta["n_tokens_p50"]["__typename"] == "FloatMetadataEntry"
+        assert "| 0 |" not in meta["drops"]["mdStr"] and not any(k.startswith("dropped_") for k in meta)
 
     with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
         runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill}))

@@ -1,6 +1,8 @@
 """The three generation stages materialized for real: SmolLM2 end to end, a tiny random
 Llama for the generate-mode scoring path."""
 
+import re
+
 import dagster as dg
 import polars as pl
 import pytest
@@ -26,6 +28,9 @@ STAGES = [
     SCORED_POOL,
     REWRITTEN_DATASET,
 ]
+
+PROGRESS = re.compile(r"(?P<done>\d+) of (?P<total>\d+) [a-z ]+; (?P<rate>[\d.]+) (generated|prompt) tokens/s; ETA \d+ s")
+
 
 def _setup(tmp_path, model: str, docs: int, **overrides):
     write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=docs)
@@ -89,11 +94,20 @@ def test_unparseable_replies_keep_their_rows_with_a_reason(tmp_path, tiny_tokeni
     """A random model never writes 'Score: N': every pair stays, with a null score and a
     reason, and the hard-floor check fails loudly instead of passing an empty pool."""
     inst = _setup(tmp_path, str(tiny_tokenizer_model), docs=6, generation={
-        "backtranslation": {"max_new_tokens": 8}, "scoring": {"mode": "generate", "max_new_tokens": 8}})  # fmt: skip
+        "backtranslation": {"max_new_tokens": 8, "batch_rows": 2},
+        "scoring": {"mode": "generate", "max_new_tokens": 8}})  # fmt: skip
     with dg.instance_for_test() as instance:
         corpus = CorpusSource(uri=str(tmp_path / "corpus"))
         (shard,) = discover_shards(corpus, instance, inst.shards.name)
         result = materialize(inst, STAGES[:4], instance, partition_key=shard, raise_on_error=False)
+        log = instance.all_logs(result.run_id)
+    # the run log shows progress while the step works: a line per batch, before the step ends
+    step = node(inst, BACKTRANSLATED_POOL)
+    events = [e for e in log if e.step_key == step]
+    ended = next(i for i, e in enumerate(events) if e.is_dagster_event and e.dagster_event_type == "STEP_SUCCESS")
+    progress = [PROGRESS.search(e.user_message) for e in events[:ended]]
+    lines = [m for m in progress if m and int(m["done"]) < int(m["total"])]
+    assert lines and all(float(m["rate"]) > 0 for m in lines), [e.user_message for e in events[:ended]]
     scored = _table(tmp_path, SCORED_POOL, shard)
     pool = _table(tmp_path, BACKTRANSLATED_POOL, shard)
     assert scored.height == pool.height
