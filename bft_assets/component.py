@@ -30,7 +30,9 @@ from typing import Annotated
 
 import dagster as dg
 from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
+from pydantic import BaseModel
 
+from bft_assets.declaration_schema import strict_model
 from bft_assets.instance import Instance
 from bft_assets.recipes import PAPER_RECIPES, Recipe, check_recipes
 from bft_assets.scaffolder import BackAndForthTranslationScaffolder
@@ -48,6 +50,7 @@ from bft_assets.specs import (
     machinery,
 )
 from bft_resources.engine import EngineSpec, TransformersEngine
+from bft_resources.keys import MAX_NAME_CHARS
 from bft_resources.trainer import Trainer, TrainingSettings
 
 # The paper does not give the seed models' schedule (docs/method.md, Models); this project's
@@ -69,12 +72,12 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
 
     key_prefix: Annotated[
         str,
-        _documented(
-            "Prefix of every asset key, check, job, sensor and partition set of this instance "
-            "(lowercase letters, digits, _).",
-            ["web", "dolma_head", "c4"],
+        dg.Resolver.default(
+            description="Prefix of every asset key, check, job, sensor and partition set of this instance "
+            f"(lowercase ASCII letters, digits and _, a letter first; at most {MAX_NAME_CHARS}).",
+            examples=["web", "dolma_head", "c4"], json_schema_extra={"pattern": KEY_PREFIX_PATTERN},
         ),
-    ]
+    ]  # fmt: skip
     storage: Annotated[
         str,
         dg.Resolver(
@@ -153,11 +156,19 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
     def __post_init__(self) -> None:
         if not re.fullmatch(KEY_PREFIX_PATTERN, self.key_prefix):
             raise ValueError(
-                f"key_prefix {self.key_prefix!r}: lowercase letters, digits and _, starting with a letter"
+                f"key_prefix {self.key_prefix!r}: lowercase ASCII letters, digits and _, starting with a "
+                f"letter, at most {MAX_NAME_CHARS}"
             )
         check_recipes(self.recipes)
         if self.seed_models_from is not None and self.seed_models_from.instance == self.key_prefix:
             raise ValueError("seed_models_from names this instance itself")
+
+    @classmethod
+    def model(cls) -> type[BaseModel]:
+        """The model a declaration is parsed with, strict (``declaration_schema``): a wrong
+        value fails `dg check defs` and every load naming its file, its own line and its
+        attribute, before anything is resolved."""
+        return strict_model(super().model(), __name__.split(".")[0])
 
     def translate(self, spec: dg.AssetSpec, asset: str) -> dg.AssetSpec:
         """The declared translation of one asset's spec; the key stays bft's (the stages

@@ -53,7 +53,11 @@ def _first_turn(conversation: list[Any]) -> tuple[Any, Any] | None:
     """ShareGPT's first human message and the reply that follows it."""
     turns = [t for t in conversation if isinstance(t, dict)]
     for i, turn in enumerate(turns[:-1]):
-        if turn.get("from") in ("human", "user") and turns[i + 1].get("from") in ("gpt", "assistant", "chatgpt"):
+        if turn.get("from") in ("human", "user") and turns[i + 1].get("from") in (
+            "gpt",
+            "assistant",
+            "chatgpt",
+        ):
             return turn.get("value"), turns[i + 1].get("value")
     return None
 
@@ -84,7 +88,9 @@ def to_pair(record: Any, fmt: str) -> tuple[str, str] | tuple[None, str]:
     return instruction, response
 
 
-def read_pairs(records: Iterable[tuple[str, Any]], fmt: str) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+def read_pairs(
+    records: Iterable[tuple[str, Any]], fmt: str
+) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """(pairs with a stable id, drops with where and why, records read); a repeated
     instruction is dropped (trained twice it would weigh twice)."""
     pairs, drops, seen, read = [], [], set(), 0
@@ -101,8 +107,17 @@ def read_pairs(records: Iterable[tuple[str, Any]], fmt: str) -> tuple[pl.DataFra
             drops.append({"where": where, "reason": DUPLICATE_INSTRUCTION})
         else:
             seen.add(instruction)
-            key = hashlib.blake2b(f"{instruction}\x00{response}".encode(), digest_size=12).hexdigest()
-            pairs.append({"id": f"ext:{key}", "instruction": instruction, "response": response, "where": where})
+            key = hashlib.blake2b(
+                f"{instruction}\x00{response}".encode(), digest_size=12
+            ).hexdigest()
+            pairs.append(
+                {
+                    "id": f"ext:{key}",
+                    "instruction": instruction,
+                    "response": response,
+                    "where": where,
+                }
+            )
     schema = dict.fromkeys(("id", "instruction", "response", "where"), pl.String)
     return (pl.DataFrame(pairs, schema=schema),
             pl.DataFrame(drops, schema={"where": pl.String, "reason": pl.String}), read)  # fmt: skip

@@ -54,7 +54,9 @@ def digest(*parts: Any) -> str:
 
 def _plain(value: Any) -> Any:
     """A declared setting as JSON: a pydantic model's dump, a dataclass's fields."""
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else dataclasses.asdict(value)
+    return (
+        value.model_dump(mode="json") if hasattr(value, "model_dump") else dataclasses.asdict(value)
+    )
 
 
 class Instance:

@@ -22,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bft_assets.prompts import SEED_TAG, WEB_TAG
 from bft_assets.specs import ProjectPath, machinery
+from bft_resources.keys import MAX_NAME_CHARS
 from bft_resources.trainer import TrainingSettings
 
 DatasetFormat = Literal["auto", "alpaca", "sharegpt", "openorca", "pairs"]
@@ -60,21 +61,23 @@ class Recipe(dg.Resolvable, dg.Model):
     """What one recipe trains on: seed pairs plus a selection of generated pairs."""
 
     name: str = Field(
-        description="The recipe's partition key (ASCII letters, digits, _; at most 64).",
-        examples=["filtering_rewriting"], pattern=r"^[A-Za-z0-9_]{1,64}$",
+        description=f"The recipe's partition key (ASCII letters, digits, _; at most {MAX_NAME_CHARS}).",
+        examples=["filtering_rewriting"], pattern=rf"^[A-Za-z0-9_]{{1,{MAX_NAME_CHARS}}}$",
     )  # fmt: skip
     responses: Responses = Field(
         description="none (seed only), web (the document), rewrite (the rewriter's), distilled (the chat model's "
         "own answer), external (pairs from `dataset`)."
     )
     min_score: int | None = Field(
-        default=None, description="Keep generated pairs scored at least this (paper: 5); null: no filter."
-    )
+        default=None, description="Keep generated pairs scored at least this (paper: 5); null: no filter.",
+        json_schema_extra={"minimum": 1, "maximum": 5},  # what `dg check defs` reads; _a_score is Python's
+    )  # fmt: skip
     generated_size: int | Literal["all"] = Field(
         default=PAPER_7B_SIZE,
         description="Generated pairs trained on, a deterministic sample (paper, 7B: 12,800 for every recipe; 70B: "
         "51,200); a pool short of it fails before training. `all`: every selected pair (not the paper's).",
         examples=[12800, 51200, "all"],
+        json_schema_extra={"minimum": 1},  # what `dg check defs` reads; _a_size is Python's
     )
     sample_seed: int = Field(default=0, description="Seed of that sample.")
     shared_instructions: str | None = Field(
@@ -89,7 +92,9 @@ class Recipe(dg.Resolvable, dg.Model):
         description="Leave out pairs whose instruction was flagged degenerate (a bft option; the paper filters "
         "nothing but the score: 'No intermediate filtering is done' for rewriting).",
     )
-    dataset: ExternalDataset | None = Field(default=None, description="With responses: external, the pairs.")
+    dataset: ExternalDataset | None = Field(
+        default=None, description="With responses: external, the pairs."
+    )
     training: Annotated[TrainingSettings | None, machinery(TrainingSettings | None)] = Field(
         default=None, description="Overrides the instance's training settings for this recipe."
     )
@@ -111,7 +116,9 @@ class Recipe(dg.Resolvable, dg.Model):
     @model_validator(mode="after")
     def _external_has_a_dataset(self) -> Recipe:
         if (self.responses == "external") != (self.dataset is not None):
-            raise ValueError(f"recipe {self.name}: a dataset goes with responses: external, and only with it")
+            raise ValueError(
+                f"recipe {self.name}: a dataset goes with responses: external, and only with it"
+            )
         return self
 
 

@@ -115,7 +115,10 @@ def extract_rewrite(
     else:
         found = _BETWEEN.search(reply)
         if found is None and finish_reason == "length":
-            return None, TRUNCATED  # the cap ended the reply before [/RES]: say so, not "no markers"
+            return (
+                None,
+                TRUNCATED,
+            )  # the cap ended the reply before [/RES]: say so, not "no markers"
         if found is None:
             return None, UNCLOSED if RES_OPEN in reply else NO_MARKERS
         text = found.group(1)

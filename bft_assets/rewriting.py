@@ -50,7 +50,11 @@ def rewrite_passes(inst: Instance) -> tuple[Pass, Pass]:
         clean = safe(model)
         messages = [REWRITE.render(response=clean(x), instruction=clean(i))
                     for x, i in zip(batch["response"], batch["instruction"], strict=True)]  # fmt: skip
-        prompts = model.prompt_tokens([Chat(m, assistant_prefix=prefix) for m in messages]) if model.context_window else []
+        prompts = (
+            model.prompt_tokens([Chat(m, assistant_prefix=prefix) for m in messages])
+            if model.context_window
+            else []
+        )
         caps = rewrite_caps(prompts or [0] * batch.height, batch["n_tokens"].to_list(), model.context_window,
                             inst.decl.generation)  # fmt: skip
         replies = generate(model, batch, messages, [replace(rewrite_sampling, max_tokens=c) for c in caps],

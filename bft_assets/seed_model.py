@@ -37,7 +37,9 @@ def seed_training_examples(seed: pl.DataFrame, direction: str) -> list[TrainingE
 
 def build_seed_model(inst: Instance) -> dg.AssetsDefinition:
     base, settings = inst.model("seed_base"), inst.decl.seed_training
-    version = f"{training_version(inst, base, settings, role='seed')};prompt={BACKTRANSLATE.version}"
+    version = (
+        f"{training_version(inst, base, settings, role='seed')};prompt={BACKTRANSLATE.version}"
+    )
 
     @stage_asset(inst, SEED_MODEL, group="training", kinds={"huggingface", "pytorch"}, checks=(LOSS, LOADS),
                  code_version=version, partitions=inst.directions, deps=[inst.key(SEED_EXAMPLES)],

@@ -186,7 +186,9 @@ class RewritingSpec(SamplingSpec):
         "4,096-token window scoring stays the prompt that limits a document).",
     )
     rewrite_length_ratio: float = Field(
-        default=1.25, gt=0, description="ratio mode: tokens a rewrite may take per token of its draft..."
+        default=1.25,
+        gt=0,
+        description="ratio mode: tokens a rewrite may take per token of its draft...",
     )
     rewrite_extra_tokens: int = Field(default=64, ge=0, description="ratio mode: ... plus these.")
     force_format: bool = Field(
@@ -208,12 +210,20 @@ class OtherJudge(dg.Resolvable, dg.Model):
     """A further judge whose win rates are reported beside the main one's (BFT Table 10:
     GPT-4 Turbo and Claude-3-Opus)."""
 
-    name: str = Field(description="Its label in the metadata.", examples=["claude3_opus"], pattern=r"^[a-z][a-z0-9_]{0,31}$")
-    served_model: str = Field(description="The served model's name.", examples=["claude-3-opus-20240229"])
+    name: str = Field(
+        description="Its label in the metadata.",
+        examples=["claude3_opus"],
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+    )
+    served_model: str = Field(
+        description="The served model's name.", examples=["claude-3-opus-20240229"]
+    )
     engine: Annotated[EngineSpec, machinery(EngineSpec)] = Field(
         description="Usually {backend: endpoint, base_url, api_key_env}.",
     )
-    annotator: Annotator = Field(default="weighted_alpaca_eval_gpt4_turbo", description="How it is asked and read.")
+    annotator: Annotator = Field(
+        default="weighted_alpaca_eval_gpt4_turbo", description="How it is asked and read."
+    )
     references: ProjectPath | None = Field(
         default=None,
         description="Its own reference set for the same instructions (e.g. AlpacaEval 2's GPT-4 Turbo outputs while "
@@ -239,7 +249,8 @@ class JudgeSpec(dg.Resolvable, dg.Model):
         examples=["weighted_alpaca_eval_gpt4_turbo", "bft"],
     )
     others: list[OtherJudge] = Field(
-        default_factory=list, description="Further judges reported beside this one (e.g. Claude-3-Opus, Table 10)."
+        default_factory=list,
+        description="Further judges reported beside this one (e.g. Claude-3-Opus, Table 10).",
     )
 
 

@@ -214,7 +214,11 @@ class StageRun:
     def work(self, settings: str, versioned: bool = True) -> ResumableWork:
         """This partition's scratch for these settings (and this code version, unless not
         ``versioned``); cleared when the run finishes."""
-        version = self.context.assets_def.code_versions_by_key[self.context.asset_key] if versioned else ""
+        version = (
+            self.context.assets_def.code_versions_by_key[self.context.asset_key]
+            if versioned
+            else ""
+        )
         key = hashlib.sha256(f"{version};{settings}".encode()).hexdigest()[:16]
         folder = self.storage.scratch_dir(self.table, self.partition, key)
         work = ResumableWork(folder, ROW_ID, self.context.log.warning)

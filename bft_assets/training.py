@@ -67,11 +67,20 @@ def recipe_pairs(run: StageRun, recipe: Recipe) -> tuple[pl.DataFrame, dict]:
                                                     "dataset_drops": counts_table(found, total=read)}  # fmt: skip
     rewritten, shards, missing = run.read_shards(REWRITTEN_DATASET)
     if not shards:
-        raise FileNotFoundError(f"no shard of {run.inst.table(REWRITTEN_DATASET)} is materialized ({missing})")
+        raise FileNotFoundError(
+            f"no shard of {run.inst.table(REWRITTEN_DATASET)} is materialized ({missing})"
+        )
     if missing:
         run.context.log.warning(f"shards without {REWRITTEN_DATASET}, left out: {missing}")
-    others = [generated_pairs(rewritten, r) for r in peers(run.inst.decl.recipes, recipe) if r is not recipe]
-    return sample(generated_pairs(rewritten, recipe), recipe, others), {"shards": len(shards), "shards_missing": missing}
+    others = [
+        generated_pairs(rewritten, r)
+        for r in peers(run.inst.decl.recipes, recipe)
+        if r is not recipe
+    ]
+    return sample(generated_pairs(rewritten, recipe), recipe, others), {
+        "shards": len(shards),
+        "shards_missing": missing,
+    }
 
 
 def shared_check(run: StageRun, recipe: Recipe, ids: pl.Series) -> dg.AssetCheckResult:
@@ -103,7 +112,9 @@ def build_finetuned_checkpoint(inst: Instance) -> dg.AssetsDefinition:
         run = StageRun(inst, context)
         recipe, settings = inst.recipe(run.partition), inst.training_for(inst.recipe(run.partition))
         generated, found = recipe_pairs(run, recipe)  # a pool short of the declared size fails here
-        training_set = assemble_training_set(run.storage.read(inst.table(SEED_EXAMPLES)), generated, recipe)
+        training_set = assemble_training_set(
+            run.storage.read(inst.table(SEED_EXAMPLES)), generated, recipe
+        )
         set_uri = run.write(training_set, suffix="train")
         jsonl_uri = run.storage.write_text(
             f"{run.table}/{recipe.name}.train.jsonl", chat_jsonl(training_set)

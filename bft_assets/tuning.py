@@ -22,7 +22,9 @@ TRAINING_VERSION = "sft-v2"
 PROBE_PROMPT = "Give one tip for writing clear documentation."
 
 
-def training_version(inst: Instance, base: ModelRef, *settings: object, role: str = "recipe") -> str:
+def training_version(
+    inst: Instance, base: ModelRef, *settings: object, role: str = "recipe"
+) -> str:
     """What changes a trained model besides its data: the trainer, the settings, the base."""
     return f"{TRAINING_VERSION};{digest(inst.trainer(role), base.reference, *settings)}"
 

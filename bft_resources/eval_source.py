@@ -57,7 +57,9 @@ def _checked(path: Path, where: str, record: Any) -> dict[str, str | None]:
     for name in TEXT_FIELDS:
         value = record.get(name)
         if value is not None and not isinstance(value, str):
-            raise EvalSetError(f"{path}:{where}: field {name!r} is a JSON {type(value).__name__}, not a string")
+            raise EvalSetError(
+                f"{path}:{where}: field {name!r} is a JSON {type(value).__name__}, not a string"
+            )
         out[name] = value
     if not (out["instruction"] or "").strip():
         raise EvalSetError(f"{path}:{where}: field 'instruction' is missing or empty")
@@ -66,18 +68,24 @@ def _checked(path: Path, where: str, record: Any) -> dict[str, str | None]:
 
 class EvalSetSource(dg.ConfigurableResource):
     uri: str = Field(description="AlpacaEval JSON list or JSONL file.")
-    limit: int | None = Field(default=None, ge=1, description="Evaluate the first N instructions only.")
+    limit: int | None = Field(
+        default=None, ge=1, description="Evaluate the first N instructions only."
+    )
 
     def load(self) -> EvalSet:
         path = parse_location(self.uri, "eval").path
         if not path.exists():
-            raise FileNotFoundError(f"evaluation set {path} does not exist (the instance's eval.uri)")
+            raise FileNotFoundError(
+                f"evaluation set {path} does not exist (the instance's eval.uri)"
+            )
         try:
             text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not content
         except UnicodeDecodeError as exc:
             raise EvalSetError(f"{path}: not UTF-8 text ({exc})") from exc
         is_list = text.lstrip().startswith("[")
-        rows = [_checked(path, f"item {n}" if is_list else str(n), r) for n, r in _records(path, text)]
+        rows = [
+            _checked(path, f"item {n}" if is_list else str(n), r) for n, r in _records(path, text)
+        ]
         seen: set[str] = set()
         unique = [r for r in rows if not (r["instruction"] in seen or seen.add(r["instruction"]))]
         frame = pl.DataFrame(
@@ -86,7 +94,9 @@ class EvalSetSource(dg.ConfigurableResource):
              "dataset": [r["dataset"] or "unknown" for r in unique]},
             schema=dict.fromkeys(("instruction", "reference", "reference_generator", "dataset"), pl.String),
         ).with_row_index("index")  # fmt: skip
-        return EvalSet(frame.head(self.limit) if self.limit is not None else frame, len(rows) - len(unique))
+        return EvalSet(
+            frame.head(self.limit) if self.limit is not None else frame, len(rows) - len(unique)
+        )
 
     def read(self) -> pl.DataFrame:
         return self.load().rows

@@ -162,11 +162,13 @@ class ModelRef(dg.Model):
         examples=["main", "01c7f73d771dfac7d292323805ebc428287df4f9"],
     )
     context_window: int | None = Field(
-        default=None, description="Tokens it attends to (default: the config's)."
-    )
+        default=None, description="Tokens it attends to (default: the config's).",
+        json_schema_extra={"minimum": 1},  # what `dg check defs` reads; _a_window is Python's
+    )  # fmt: skip
     trust_remote_code: bool = Field(
         default=False, description="Run code shipped with the model. Off unless you trust it."
     )
+
     @field_validator("context_window")
     @classmethod
     def _a_window(cls, value: int | None) -> int | None:

@@ -28,14 +28,18 @@ class UnreadableFile(Exception):
 
 def _suffix(path: Path) -> str | None:
     name = path.name.lower()
-    return next((s for s in sorted(RECORD_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+    return next(
+        (s for s in sorted(RECORD_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None
+    )
 
 
 class RecordFiles(dg.ConfigurableResource):
     """Where a set of records lives: a file or a folder of files."""
 
     uri: str = Field(description="A JSON list, JSONL(.gz) or Parquet file, or a folder of them.")
-    what: str = Field(default="seed", description="What the records are, for messages (seed, dataset).")
+    what: str = Field(
+        default="seed", description="What the records are, for messages (seed, dataset)."
+    )
 
     @property
     def _path(self) -> Path:
@@ -53,11 +57,15 @@ class RecordFiles(dg.ConfigurableResource):
             if not candidate.resolve().is_relative_to(root):
                 skipped.append((str(candidate), f"a symlink that leads outside {root}"))
             elif _suffix(candidate) is None or candidate.name.startswith("."):
-                skipped.append((str(candidate), f"not a record file: bft reads {', '.join(RECORD_SUFFIXES)}"))
+                skipped.append(
+                    (str(candidate), f"not a record file: bft reads {', '.join(RECORD_SUFFIXES)}")
+                )
             else:
                 files.append(candidate)
         if not files:
-            raise FileNotFoundError(f"no {self.what} files ({', '.join(RECORD_SUFFIXES)}) under {path}")
+            raise FileNotFoundError(
+                f"no {self.what} files ({', '.join(RECORD_SUFFIXES)}) under {path}"
+            )
         return files, skipped
 
     def files(self) -> list[Path]:

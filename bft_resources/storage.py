@@ -69,12 +69,16 @@ def table_name(asset: str, partition: str | None = None, suffix: str | None = No
 
 class TableWriter:
     """Appends polars frames to one Parquet file as row groups, so a table of any size is
-    written with memory bounded by one batch."""
+    written with memory bounded by one batch. The writer owns the file's handle and lets go
+    of it however the write ends: a temporary file deleted while still open keeps its blocks,
+    which a full disk needs back."""
 
     def __init__(self, path: Path, schema: pa.Schema | None = None, destination: str = ""):
         self._path = path
         self._schema = schema
+        self._sink: pa.NativeFile | None = None
         self._writer: pq.ParquetWriter | None = None
+        self._failed = False
         self._destination = destination or str(path)  # what the error names: the table's
         self.rows = 0
 
@@ -84,7 +88,12 @@ class TableWriter:
         try:
             yield
         except OSError as exc:
+            self._failed = True
             raise OSError(exc.errno, f"writing {self._destination}: {exc.strerror or exc}") from exc
+
+    def _open(self) -> pa.NativeFile:
+        self._sink = pa.OSFile(str(self._path), "wb")
+        return self._sink
 
     def write(self, frame: pl.DataFrame) -> None:
         table = frame.to_arrow()
@@ -93,17 +102,24 @@ class TableWriter:
         with self._naming_the_table():
             if self._writer is None:
                 self._schema = table.schema
-                self._writer = pq.ParquetWriter(self._path, self._schema, compression="zstd")
+                self._writer = pq.ParquetWriter(self._open(), self._schema, compression="zstd")
             self._writer.write_table(table)
         self.rows += frame.height
 
     def close(self) -> None:
-        with self._naming_the_table():
-            if self._writer is None and self._schema is not None:
-                # An empty table is still a table: readers get the schema and zero rows.
-                pq.write_table(self._schema.empty_table(), self._path)
-            elif self._writer is not None:
-                self._writer.close()
+        """Finish the file (after a failed write: only release it; the table is not whole)."""
+        try:
+            if self._failed:
+                return
+            with self._naming_the_table():
+                if self._writer is None and self._schema is not None:
+                    # An empty table is still a table: readers get the schema and zero rows.
+                    pq.write_table(self._schema.empty_table(), self._open())
+                elif self._writer is not None:
+                    self._writer.close()
+        finally:
+            if self._sink is not None:
+                self._sink.close()
 
 
 class Storage(dg.ConfigurableResource, ABC):
@@ -422,4 +438,6 @@ class S3Storage(Storage):
 def storage_for(root: str, s3: S3Resource | None) -> Storage:
     """The storage for a root (``uris.parse_location``): S3, or a local folder."""
     location = parse_location(root, "storage")
-    return S3Storage(root=location.uri, s3=s3) if location.on_s3 else LocalStorage(root=location.uri)
+    return (
+        S3Storage(root=location.uri, s3=s3) if location.on_s3 else LocalStorage(root=location.uri)
+    )

@@ -28,7 +28,10 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 # The paper's recipes at the size a test's few documents allow (the paper's 12,800 would
 # refuse to train on them, as it should), and a seed-model schedule of two quick steps.
-SMALL_RECIPES = [{**r.model_dump(exclude={"training", "dataset"}), "generated_size": "all"} for r in PAPER_RECIPES]
+SMALL_RECIPES = [
+    {**r.model_dump(exclude={"training", "dataset"}), "generated_size": "all"}
+    for r in PAPER_RECIPES
+]
 QUICK_SEED_TRAINING = {"steps": [2], "batch_size": 4, "learning_rate": 3e-3, "dropout": 0.0}
 
 

@@ -140,7 +140,9 @@ def test_a_backfill_runs_shards_in_parallel_within_the_limits(tmp_path, tiny_tok
         assert meta["n_tokens"]["mdStr"].splitlines()[0] == "| p5 | p50 | p95 | max |"
         assert meta["budget"]["mdStr"].startswith("| prompt | overhead_tokens | longest_document |")
         assert meta["n_tokens_p50"]["__typename"] == "FloatMetadataEntry"
-        assert "| 0 |" not in meta["drops"]["mdStr"] and not any(k.startswith("dropped_") for k in meta)
+        assert "| 0 |" not in meta["drops"]["mdStr"] and not any(
+            k.startswith("dropped_") for k in meta
+        )
 
     with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
         runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill}))

@@ -147,7 +147,11 @@ def test_a_document_at_the_budget_fits_every_prompt_it_goes_through(smollm2):
         )
         reply = 1 if generation.scoring.mode == "logprobs" else generation.scoring.max_new_tokens
         rewriting = generation.rewriting
-        room = rewriting.min_room if rewriting.length_cap == "context" else rewrite_tokens(n, generation)
+        room = (
+            rewriting.min_room
+            if rewriting.length_cap == "context"
+            else rewrite_tokens(n, generation)
+        )
         needs = {
             "backtranslation": count(BACKTRANSLATE.render(response=document)) + instruction_budget,
             "scoring": count(SCORE.render(generated_instruction=instruction, output=document)) + reply,

@@ -290,7 +290,9 @@ def test_dg_lists_the_component_and_scaffolds_a_starter_that_loads(host):
         assert defs.get_assets_def(dg.AssetKey(["my_web", SEED_EXAMPLES]))
         seventy = defs.get_assets_def(dg.AssetKey(["paper_70b", FINETUNED_CHECKPOINT]))
         assert "filtering_distilling" in seventy.partitions_def.get_partition_keys()
-    written = yaml.safe_load((host / "src" / "host" / "defs" / "paper_7b" / "defs.yaml").read_text())
+    written = yaml.safe_load(
+        (host / "src" / "host" / "defs" / "paper_7b" / "defs.yaml").read_text()
+    )
     assert written["attributes"]["models"]["seed_base"] == "meta-llama/Llama-2-70b-hf"
     assert written["attributes"]["training"]["steps"] == [600, 900, 1200]
 
@@ -401,7 +403,9 @@ def test_adding_or_editing_one_recipe_stales_only_that_recipe(host, tiny_tokeniz
             assert _observe_recipes(defs, instance, "web") == 1
             assert _stale(defs, instance) == sixth
             for asset in (FINETUNED_CHECKPOINT, EVAL_SCORES):
-                assert record_built(instance, defs.get_assets_def(dg.AssetKey(["web", asset])), "filtering_4")
+                assert record_built(
+                    instance, defs.get_assets_def(dg.AssetKey(["web", asset])), "filtering_4"
+                )
             assert _stale(defs, instance) == set()
 
         body["attributes"]["recipes"][-1]["min_score"] = 3
@@ -418,14 +422,23 @@ def test_a_judge_declares_its_own_engine(tmp_path, tiny_tokenizer_model):
     from bft_assets.policies import GPUS_TAG
     from bft_resources.engine import EndpointEngine, TransformersEngine, VllmEngine
 
-    inst = declare(tmp_path, tiny_tokenizer_model, judge={"engine": {"backend": "vllm", "tensor_parallel_size": 8}})
-    assert type(inst.engine("judge")) is VllmEngine and inst.engine("judge").tensor_parallel_size == 8
+    inst = declare(
+        tmp_path,
+        tiny_tokenizer_model,
+        judge={"engine": {"backend": "vllm", "tensor_parallel_size": 8}},
+    )
+    assert (
+        type(inst.engine("judge")) is VllmEngine and inst.engine("judge").tensor_parallel_size == 8
+    )
     assert type(inst.engine()) is TransformersEngine
     evaluated = build_instance_defs(inst).get_assets_def(inst.key(EVAL_SCORES))
     assert evaluated.op.tags[GPUS_TAG] == "8"
     remote = declare(tmp_path, tiny_tokenizer_model, judge={"engine": {
         "backend": "endpoint", "base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"}})  # fmt: skip
-    assert type(remote.engine("judge")) is EndpointEngine and remote.engine("judge").api_key_env == "OPENAI_API_KEY"
+    assert (
+        type(remote.engine("judge")) is EndpointEngine
+        and remote.engine("judge").api_key_env == "OPENAI_API_KEY"
+    )
 
 
 def test_translation_sets_groups_owners_tags_and_op_tags_per_asset(tmp_path, tiny_tokenizer_model):
@@ -442,4 +455,6 @@ def test_translation_sets_groups_owners_tags_and_op_tags_per_asset(tmp_path, tin
     seed = defs.get_assets_def(inst.key(SEED_EXAMPLES)).specs_by_key[inst.key(SEED_EXAMPLES)]
     assert seed.group_name == "bft_seed_examples"
     with pytest.raises(ValueError, match="cannot be renamed"):
-        build_instance_defs(declare(tmp_path, tiny_tokenizer_model, translation={"key": "elsewhere"}))
+        build_instance_defs(
+            declare(tmp_path, tiny_tokenizer_model, translation={"key": "elsewhere"})
+        )

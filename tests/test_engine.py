@@ -125,9 +125,13 @@ def test_vllm_engine_arguments_on_a_cpu_and_a_gpu():
     assert cpu["kv_cache_memory_bytes"] == 4 * 1024**3 and "gpu_memory_utilization" not in cpu
     assert ignored == ["gpu_memory_utilization"] and cpu["max_model_len"] == 4096
     assert not engine.uses_separate_process("cpu") and engine.uses_separate_process("cuda")
-    gpu, ignored = VllmEngine(tensor_parallel_size=8, kv_cache_gb=2).engine_arguments("/m", model, "cuda")
+    gpu, ignored = VllmEngine(tensor_parallel_size=8, kv_cache_gb=2).engine_arguments(
+        "/m", model, "cuda"
+    )
     assert gpu["dtype"] == "auto" and gpu["enforce_eager"] is False and not ignored
     assert gpu["gpu_memory_utilization"] == 0.9 and gpu["tensor_parallel_size"] == 8
     assert gpu["kv_cache_memory_bytes"] == 2 * 1024**3
-    declared, _ = VllmEngine(dtype="bfloat16", enforce_eager=False).engine_arguments("/m", model, "cpu")
+    declared, _ = VllmEngine(dtype="bfloat16", enforce_eager=False).engine_arguments(
+        "/m", model, "cpu"
+    )
     assert declared["dtype"] == "bfloat16" and declared["enforce_eager"] is False

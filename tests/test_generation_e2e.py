@@ -29,7 +29,9 @@ STAGES = [
     REWRITTEN_DATASET,
 ]
 
-PROGRESS = re.compile(r"(?P<done>\d+) of (?P<total>\d+) [a-z ]+; (?P<rate>[\d.]+) (generated|prompt) tokens/s; ETA \d+ s")
+PROGRESS = re.compile(
+    r"(?P<done>\d+) of (?P<total>\d+) [a-z ]+; (?P<rate>[\d.]+) (generated|prompt) tokens/s; ETA \d+ s"
+)
 
 
 def _setup(tmp_path, model: str, docs: int, **overrides):
@@ -104,10 +106,16 @@ def test_unparseable_replies_keep_their_rows_with_a_reason(tmp_path, tiny_tokeni
     # the run log shows progress while the step works: a line per batch, before the step ends
     step = node(inst, BACKTRANSLATED_POOL)
     events = [e for e in log if e.step_key == step]
-    ended = next(i for i, e in enumerate(events) if e.is_dagster_event and e.dagster_event_type == "STEP_SUCCESS")
+    ended = next(
+        i
+        for i, e in enumerate(events)
+        if e.is_dagster_event and e.dagster_event_type == "STEP_SUCCESS"
+    )
     progress = [PROGRESS.search(e.user_message) for e in events[:ended]]
     lines = [m for m in progress if m and int(m["done"]) < int(m["total"])]
-    assert lines and all(float(m["rate"]) > 0 for m in lines), [e.user_message for e in events[:ended]]
+    assert lines and all(float(m["rate"]) > 0 for m in lines), [
+        e.user_message for e in events[:ended]
+    ]
     scored = _table(tmp_path, SCORED_POOL, shard)
     pool = _table(tmp_path, BACKTRANSLATED_POOL, shard)
     assert scored.height == pool.height

@@ -351,7 +351,9 @@ def test_a_judge_failure_mid_evaluation_keeps_the_answers(tmp_path, tiny_tokeniz
                       judge=JudgeSpec(engine=FaultInjectingJudgeEngine(dtype="float32", fail_after=3)))  # fmt: skip
     with dg.instance_for_test() as instance:
         ANSWERED.clear()
-        failed = materialize(failing, [EVAL_SCORES], instance, partition_key="seed_only", raise_on_error=False)
+        failed = materialize(
+            failing, [EVAL_SCORES], instance, partition_key="seed_only", raise_on_error=False
+        )
         assert not failed.success and len(ANSWERED) == 4  # every answer made, then the judge died
         ANSWERED.clear()
         again = materialize(swapped(inst, engine=CountingEngine(dtype="float32")), [EVAL_SCORES], instance,

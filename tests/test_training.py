@@ -75,16 +75,24 @@ def test_upstream_stages_do_what_the_declared_recipes_need(tmp_path):
     is distilled."""
     paper = declare(tmp_path, "m", recipes=[r.model_dump() for r in PAPER_RECIPES])
     # rewriting filters nothing, flagged instructions included ("no intermediate filtering")
-    assert paper.needs("rewrite") == Need(True, None, True) and paper.needs("distilled") == Need(True, 5, True)
+    assert paper.needs("rewrite") == Need(True, None, True) and paper.needs("distilled") == Need(
+        True, 5, True
+    )
     filtered = declare(tmp_path, "m", recipes=[
         {"name": "filtering_rewriting", "responses": "rewrite", "min_score": 5},
         {"name": "fr4", "responses": "rewrite", "min_score": 4, "exclude_flagged": True}])  # fmt: skip
-    assert filtered.needs("rewrite") == Need(True, 4, True) and filtered.needs("distilled") == Need(False)
+    assert filtered.needs("rewrite") == Need(True, 4, True) and filtered.needs("distilled") == Need(
+        False
+    )
 
 
-def _training_set(rewritten: pl.DataFrame, recipe: Recipe, group: tuple[Recipe, ...] = ()) -> pl.DataFrame:
+def _training_set(
+    rewritten: pl.DataFrame, recipe: Recipe, group: tuple[Recipe, ...] = ()
+) -> pl.DataFrame:
     others = [generated_pairs(rewritten, r) for r in group if r is not recipe]
-    return assemble_training_set(SEED, sample(generated_pairs(rewritten, recipe), recipe, others), recipe)
+    return assemble_training_set(
+        SEED, sample(generated_pairs(rewritten, recipe), recipe, others), recipe
+    )
 
 
 def test_training_set_tags_every_row_by_source_and_samples_deterministically():
@@ -119,7 +127,10 @@ def test_recipes_compare_at_equal_size():
 def test_the_paper_recipes_declare_the_papers_sizes_and_a_short_pool_fails_naming_the_numbers():
     assert {r.generated_size for r in PAPER_RECIPES if r.responses != "none"} == {12_800}
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])  # 30 pairs scored 5
-    with pytest.raises(ShortPool, match=r"recipe filtering: its pool holds 30 pairs but it declares generated_size 12800"):
+    with pytest.raises(
+        ShortPool,
+        match=r"recipe filtering: its pool holds 30 pairs but it declares generated_size 12800",
+    ):
         _training_set(rewritten, RECIPES["filtering"])
     everything = RECIPES["filtering"].model_copy(update={"generated_size": "all"})
     assert _training_set(rewritten, everything).filter(pl.col("source") == "generated").height == 30
@@ -129,21 +140,32 @@ def test_recipes_sharing_instructions_draw_the_same_sample():
     """BFT Table 2: filtering+rewriting and filtering+distilling on the same instructions,
     drawn from the pairs both can use (here: scored 5, a rewrite AND a distilled answer)."""
     rewritten = pl.concat([_rewritten(f"{n}-") for n in range(10)])
-    pair = tuple(r.model_copy(update={"generated_size": 8}) for r in PAPER_RECIPES if r.shared_instructions)
+    pair = tuple(
+        r.model_copy(update={"generated_size": 8}) for r in PAPER_RECIPES if r.shared_instructions
+    )
     assert {r.name for r in pair} == {"filtering_rewriting", "filtering_distilling"}
-    chosen = [set(_training_set(rewritten, r, pair).filter(pl.col("source") == "generated")["id"]) for r in pair]
+    chosen = [
+        set(_training_set(rewritten, r, pair).filter(pl.col("source") == "generated")["id"])
+        for r in pair
+    ]
     assert chosen[0] == chosen[1] and len(chosen[0]) == 8
     assert all(i.endswith("pass-ok") for i in chosen[0])  # the only pairs with both answers
-    alone = [set(_training_set(rewritten, r).filter(pl.col("source") == "generated")["id"]) for r in pair]
+    alone = [
+        set(_training_set(rewritten, r).filter(pl.col("source") == "generated")["id"]) for r in pair
+    ]
     assert alone[0] != alone[1]  # drawn apart, they would not share their instructions
-    with pytest.raises(ValueError, match="must declare the same min_score, generated_size and sample_seed"):
+    with pytest.raises(
+        ValueError, match="must declare the same min_score, generated_size and sample_seed"
+    ):
         check_recipes([pair[0], pair[1].model_copy(update={"sample_seed": 3})])
 
 
 def test_only_a_declared_option_leaves_flagged_instructions_out():
     rewritten = _rewritten().with_columns(rewrite_status=pl.lit("ok"), rewrite=pl.lit("rw"))
     rewriting = RECIPES["rewriting"]
-    assert "flagged" in generated_pairs(rewritten, rewriting)["id"].to_list()  # the paper filters nothing
+    assert (
+        "flagged" in generated_pairs(rewritten, rewriting)["id"].to_list()
+    )  # the paper filters nothing
     strict = rewriting.model_copy(update={"exclude_flagged": True})
     assert "flagged" not in generated_pairs(rewritten, strict)["id"].to_list()
 

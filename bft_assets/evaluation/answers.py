@@ -36,7 +36,10 @@ def capped(model: LoadedModel, chats: list[Chat], sampling: Sampling) -> Samplin
     window = model.context_window
     if window is None:
         return sampling
-    return [replace(sampling, max_tokens=max(1, min(sampling.max_tokens, window - n))) for n in model.prompt_tokens(chats)]
+    return [
+        replace(sampling, max_tokens=max(1, min(sampling.max_tokens, window - n)))
+        for n in model.prompt_tokens(chats)
+    ]
 
 
 def answer_pass(suffix: str, sampling: Sampling, batch_rows: int, asked: str = "") -> Pass:
@@ -84,17 +87,27 @@ def references(
     return made
 
 
-def answer_all(run: StageRun, rows: pl.DataFrame, spec: EvalSpec, sampling: Sampling) -> tuple[pl.DataFrame, dict[int, Path]]:
+def answer_all(
+    run: StageRun, rows: pl.DataFrame, spec: EvalSpec, sampling: Sampling
+) -> tuple[pl.DataFrame, dict[int, Path]]:
     """Every declared step's answers to every instruction with each suffix, and each
     step's checkpoint folder (verified against the hash its training run recorded)."""
-    checkpoints = verified_checkpoints(run.storage, run.inst.table(FINETUNED_CHECKPOINT), run.partition)
+    checkpoints = verified_checkpoints(
+        run.storage, run.inst.table(FINETUNED_CHECKPOINT), run.partition
+    )
     # Resumed answers must come from this very checkpoint (its hash) and eval set.
     asked = hashlib.sha256("\x00".join(rows["instruction"]).encode()).hexdigest()[:12]
     answered = []
     for step, (folder, sha) in checkpoints.items():
         with run.load(run.inst.engine(), ModelRef(model=str(folder))) as model:
             for suffix in spec.tags:
-                answers = run.run_pass(model, answer_pass(suffix, sampling, spec.batch_rows, asked), rows, sha, f"step{step}")
+                answers = run.run_pass(
+                    model,
+                    answer_pass(suffix, sampling, spec.batch_rows, asked),
+                    rows,
+                    sha,
+                    f"step{step}",
+                )
                 answered.append(rows.join(answers.select(ROW_ID, "answer", "answer_tokens"), on=ROW_ID).with_columns(
                     variant=pl.lit(suffix), step=pl.lit(step, dtype=pl.Int64), checkpoint_sha256=pl.lit(sha)))  # fmt: skip
     return pl.concat(answered), {step: folder for step, (folder, _) in checkpoints.items()}

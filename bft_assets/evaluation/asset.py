@@ -9,7 +9,6 @@ answer lengths, and the training set's diversity and MAUVE (``data_metrics``). T
 stands for the recipe, as the paper reports it; further judges are reported beside it.
 """
 
-
 import dagster as dg
 import polars as pl
 
@@ -59,10 +58,12 @@ def other_judges(run: StageRun, answered: pl.DataFrame, spec: EvalSpec, best: di
         picked = pl.concat([answered.filter((pl.col("variant") == s) & (pl.col("step") == best[f"{s}_best_step"]))
                             for s in spec.tags])  # fmt: skip
         if other.references is not None:
-            theirs = EvalSetSource(uri=other.references).read().select("instruction", pl.col("reference").alias("theirs"))
-            picked = picked.join(theirs, on="instruction").drop("reference").rename({"theirs": "reference"})
+            theirs = EvalSetSource(uri=other.references).read()
+            picked = picked.drop("reference").join(
+                theirs.select("instruction", "reference"), on="instruction")  # fmt: skip
         reader = annotator(other.annotator)
-        judged, _ = judge_pairs(run, picked, reader, spec.batch_rows, other.engine, ModelRef(model=other.served_model), other.name)
+        judged, _ = judge_pairs(run, picked, reader, spec.batch_rows, other.engine,
+                                ModelRef(model=other.served_model), other.name)  # fmt: skip
         for scores in scores_by_step(judged, spec.tags, reader).values():
             out |= {f"{s}_{what}__{other.name}": scores[f"{s}_{what}"] for s in spec.tags
                     for what in ("win_rate", "lc_win_rate")}  # fmt: skip
@@ -73,11 +74,12 @@ def build_eval_scores(inst: Instance) -> dg.AssetsDefinition:
     spec = inst.decl.eval
     if unknown := sorted(set(spec.tags) - set(EVAL_TAGS)):
         raise ValueError(f"eval.tags: unknown {unknown}; known: {sorted(EVAL_TAGS)}")
-    sampling = Sampling(temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens, seed=spec.seed)
+    sampling = Sampling(temperature=spec.temperature, top_p=spec.top_p,
+                        max_tokens=spec.max_new_tokens, seed=spec.seed)  # fmt: skip
     declared = inst.decl.judge.annotator
     version = f"judge={annotator(declared).version if declared else 'auto'};eval-v2;" + digest(
         spec, inst.decl.judge, inst.model("judge").reference)  # fmt: skip
-    every_shard = dg.AssetDep(inst.key(REWRITTEN_DATASET), partition_mapping=dg.AllPartitionMapping())
+    every_shard = dg.AssetDep(inst.key(REWRITTEN_DATASET), partition_mapping=dg.AllPartitionMapping())  # fmt: skip
 
     @stage_asset(inst, EVAL_SCORES, group="evaluation", kinds={"huggingface", "polars"}, code_version=version,
                  checks=(*RULES, ALL_JUDGED, AGREEMENT, WIN_RATES), partitions=inst.recipe_partitions,
@@ -89,15 +91,19 @@ def build_eval_scores(inst: Instance) -> dg.AssetsDefinition:
         orders, for each evaluation suffix and declared step; and the recipe's data."""
         run = StageRun(inst, context)
         questions, repeated = eval_set(spec)
-        reader = annotator(choose_annotator(declared, spec.reference, questions["reference_generator"].to_list()))
-        rows = questions.drop("reference").join(references(run, spec, questions, sampling), on=ROW_ID)
+        reader = annotator(
+            choose_annotator(declared, spec.reference, questions["reference_generator"].to_list())
+        )
+        rows = questions.drop("reference").join(references(run, spec, questions, sampling), on=ROW_ID)  # fmt: skip
         answered, folders = answer_all(run, rows, spec, sampling)
-        results, reused = judge_pairs(run, answered, reader, spec.batch_rows, inst.engine("judge"), inst.model("judge"))
+        results, reused = judge_pairs(run, answered, reader, spec.batch_rows, inst.engine("judge"),
+                                      inst.model("judge"))  # fmt: skip
         results = results.with_columns(recipe=pl.lit(run.partition))
         by_step = scores_by_step(results, spec.tags, reader)
         scores = best_steps(by_step, spec.tags)
-        summary = {"recipe": run.partition, **scores, **other_judges(run, answered, spec, scores), **recipe_data(run, spec)}
-        run.storage.write(run.table, pl.DataFrame([summary]), partition=run.partition, suffix="summary")
+        summary = {"recipe": run.partition, **scores, **other_judges(run, answered, spec, scores),
+                   **recipe_data(run, spec)}  # fmt: skip
+        run.storage.write(run.table, pl.DataFrame([summary]), partition=run.partition, suffix="summary")  # fmt: skip
         compared = recipe_summaries(inst, run.storage)
         suffix = compared["suffix"][0] if "suffix" in compared.columns else spec.tags[0]
         best = scores[f"{suffix}_best_step"]

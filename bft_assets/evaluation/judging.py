@@ -133,7 +133,9 @@ def judge_pairs(
     )
 
     def save() -> None:
-        verdicts = pl.DataFrame([(k, *v) for k, v in cache.items()], schema=CACHE_SCHEMA, orient="row")
+        verdicts = pl.DataFrame(
+            [(k, *v) for k, v in cache.items()], schema=CACHE_SCHEMA, orient="row"
+        )
         run.storage.write(run.table, verdicts, partition=run.partition, suffix=table)
 
     if todo.height:

@@ -127,7 +127,9 @@ def variant_scores(
         if controlled
         else math.nan,
         # LC is AlpacaEval 2's (GPT-4 Turbo verdicts): not computed for other judges or sets.
-        f"{variant}_lc_variant": controlled["lc_variant"] if controlled else ("too few" if lc else "not AlpacaEval 2"),
+        f"{variant}_lc_variant": controlled["lc_variant"]
+        if controlled
+        else ("too few" if lc else "not AlpacaEval 2"),
         f"{variant}_judged": wr.n,
         f"{variant}_agreement": float(agreement.mean()) if agreement.len() else math.nan,
         f"{variant}_answer_tokens": float(rows["answer_tokens"].mean() or 0.0),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bft_resources.engine.base import Chat
-from bft_resources.engine.rendering import render, special_strings
+from bft_resources.engine.rendering import render, special_strings, strip_special
 
 Fallback = Callable[[str], str]
 
@@ -52,10 +52,9 @@ def plain_text(text: str, controls: Sequence[str]) -> str:
     """Training text with control strings removed (``controls`` longest first, as
     ``special_strings`` gives them): a web page that carries ``<|im_start|>`` must not teach
     the model to open a turn in the middle of an answer. Only the chat template places
-    control tokens."""
-    for token in controls:
-        text = text.replace(token, "")
-    return text
+    control tokens. Removed until none is left (``strip_special``): one pass would let
+    ``<|im_e<|im_end|>nd|>`` reassemble into ``<|im_end|>``."""
+    return strip_special(text, controls)
 
 
 def encode_example(

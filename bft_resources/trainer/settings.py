@@ -34,6 +34,8 @@ class TrainingSettings(dg.Model):
         "and the best (paper, 7B: 600, 900, 1200; 70B: 1600 for 51.2K pairs, 1200 for 25.6K). "
         "Stored sorted, without repeats. A seed model keeps its last.",
         examples=[[600, 900, 1200], [1600], [3]],
+        # what `dg check defs` reads (the validator below is Python's)
+        json_schema_extra={"minItems": 1, "items": {"type": "integer", "minimum": 1}},
     )
     protocol: Protocol = Field(
         default="separate_runs",

@@ -10,7 +10,9 @@ Two things Dagster's derived schema does not carry are read from the Python decl
 it was derived from: the description of a nested field that has a default (Dagster's
 ``derive_model_type`` drops it) and a default that is not a plain value (Dagster writes a
 marker instead). Dagster also widens every non-string field to ``X | str`` (so that a
-``{{ template }}`` can stand in for it); that added ``string`` is left out of the types.
+``{{ template }}`` can stand in for it); that added ``string`` is left out of the types
+(bft's strict schema writes it as ``if`` a template ``else`` the declared type:
+``bft_assets/declaration_schema.py``).
 """
 
 from __future__ import annotations
@@ -160,6 +162,13 @@ def _type_text(node: dict, drop_str: bool, refs: list[str]) -> str:
         name = _ref_name(node)
         refs.append(name)
         return f"[{name.removesuffix('Model')}](#{_anchor(name)})"
+    if "if" in node and "else" in node:
+        # bft's strict form: a template (if), else the declared type
+        own = {k: v for k, v in node.items() if k not in ("if", "then", "else")}
+        if node["if"] == {"type": "null"}:
+            return f"{_type_text(node['else'], False, refs)} \\| null"
+        declared = node["else"] if "anyOf" in node["else"] else {**own, **node["else"]}
+        return _type_text(declared, False, refs)
     for key in ("anyOf", "oneOf"):
         if key in node:
             members = list(node[key])
