@@ -107,32 +107,80 @@ def test_every_vllm_call_of_the_backend_exists_in_every_allowed_release(vllm_whe
     print(*vllm_wheels, sep="\n")
 
 
+# Releases in the `gpu` range that no registry can install, each with the one pin of its
+# wheel that no index holds (flashinfer-python has 0.7.2.post1 and 0.7.4 there, not 0.7.3).
+# Once the pin appears the release installs: pip must then pick it, or the test fails.
+UNINSTALLABLE_VLLM = {"0.34.0": "flashinfer-python==0.7.3"}
+
+
+def _dry_run(pip: Path, report: Path, *requirements: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(pip), "install", "--dry-run", "--ignore-installed", "--report", str(report), *requirements],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+def _wheel_pins(wheel: Path) -> set[str]:
+    """The exact pins (``name==version``) a wheel's metadata puts on this platform, extras
+    aside."""
+    import zipfile
+
+    from packaging.utils import canonicalize_name
+
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = archive.read(name).decode().splitlines()
+    pins = set()
+    for line in lines:
+        if not line.startswith("Requires-Dist:"):
+            continue
+        requirement = Requirement(line.removeprefix("Requires-Dist:").strip())
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        pins |= {f"{canonicalize_name(requirement.name)}=={s.version}"
+                 for s in requirement.specifier if s.operator == "=="}  # fmt: skip
+    return pins
+
+
 @pytest.mark.slow
-def test_the_gpu_extra_resolves_to_the_newest_supported_vllm_without_backtracking(tmp_path):
+def test_the_gpu_extra_resolves_to_the_newest_installable_vllm_without_backtracking(tmp_path):
+    """pip picks the newest vLLM in the `gpu` range that the registry can install, at the
+    first try; each newer release in range fails to install for the one known missing pin,
+    read from pip's own error and found in that release's wheel."""
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
     pip = tmp_path / "venv" / "bin" / "pip"
     # as a GPU user starts: a current pip (3.11's bundled one mis-resolves torch's CUDA pins)
     subprocess.run([str(pip), "install", "-q", "--upgrade", "pip"], check=True, timeout=300)
     report = tmp_path / "report.json"
-    resolved = subprocess.run(
-        [str(pip), "install", "--dry-run", "--ignore-installed", "--report", str(report), f"{REPO}[gpu]"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    resolved = _dry_run(pip, report, f"{REPO}[gpu]")
     assert resolved.returncode == 0, resolved.stdout[-3000:] + resolved.stderr[-3000:]
     chosen = {
         i["metadata"]["name"].lower(): i["metadata"]["version"]
         for i in json.loads(report.read_text())["install"]
     }
     allowed = [v for v in _released_versions("vllm") if _gpu_requirement().specifier.contains(v)]
-    newest = max(allowed, key=_version)
-    assert chosen["vllm"] == newest and _version(newest) >= (0, 34, 0), (
-        f"pip chose vllm {chosen['vllm']} of {allowed}: `pip install --dry-run vllm=={newest}` says why"
+    assert chosen["vllm"] in allowed, (chosen["vllm"], allowed)
+    newer = sorted((v for v in allowed if _version(v) > _version(chosen["vllm"])), key=_version)
+    # why each newer release is not installed: pip, asked for it alone, names what it lacks
+    missing = {}
+    for version in newer:
+        alone = _dry_run(pip, tmp_path / f"vllm-{version}.json", f"vllm=={version}")
+        log = alone.stdout + alone.stderr
+        assert alone.returncode != 0, (
+            f"vllm {version} installs, yet pip chose {chosen['vllm']} for bft[gpu]: a conflict "
+            "with bft's own requirements, or lift it from UNINSTALLABLE_VLLM"
+        )
+        found = re.findall(r"No matching distribution found for (\S+)", log)
+        assert found, log[-3000:]
+        (missing[version],) = set(found)
+        assert missing[version] in _wheel_pins(_wheel("vllm", version)), missing[version]
+    assert missing == {v: UNINSTALLABLE_VLLM.get(v) for v in newer}, (
+        f"pip chose vllm {chosen['vllm']} of {allowed}; newer ones lack {missing}"
     )
     log = resolved.stdout + resolved.stderr
     assert "looking at multiple versions of vllm" not in log
-    assert (
-        len(set(re.findall(r"vllm-(\d+\.\d+\.\d+)", log))) <= 1
-    )  # one vLLM candidate, no backtracking
+    # pip opened the newer (uninstallable) releases and then the chosen one, nothing older
+    assert set(re.findall(r"vllm-(\d+\.\d+\.\d+)", log)) <= {chosen["vllm"], *newer}
     assert (
         chosen["transformers"].startswith("5.") and chosen["torch"]
     )  # resolved beside bft's ranges
