@@ -10,31 +10,39 @@ from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
 from bft_assets.instance import BACKTRANSLATED_POOL, CANDIDATE_RESPONSES, CORPUS_DOCUMENTS
 from bft_resources.corpus import CorpusSource
-from bft_resources.engine import TransformersEngine
+from bft_resources.engine import Engine, TransformersEngine
 
 CALLS: list[list[str]] = []
 
 
-class FaultInjectingEngine(TransformersEngine):
-    """Fault injector: a real engine whose model raises after ``fail_after`` generate calls
-    (a crash mid-shard cannot be provoked on a healthy model otherwise). It records what
-    each call was asked to generate."""
+def fault_injecting(engine: type[Engine]) -> type[Engine]:
+    """``engine`` made a fault injector: a real engine whose model raises after
+    ``fail_after`` generate calls (a crash mid-shard cannot be provoked on a healthy model
+    otherwise). It records what each call was asked to generate. One per backend: the vLLM
+    environment crashes a vLLM engine with it (tests/test_vllm_assets.py)."""
 
-    fail_after: int = -1
+    class FaultInjecting(engine):
+        fail_after: int = -1
 
-    @contextlib.contextmanager
-    def load(self, model, fallback=None, log=print):
-        with super().load(model, fallback, log) as loaded:
-            real_generate = loaded.generate
+        @contextlib.contextmanager
+        def load(self, model, fallback=None, log=print):
+            with super().load(model, fallback, log) as loaded:
+                real_generate = loaded.generate
 
-            def generate(chats, sampling):
-                if len(CALLS) == self.fail_after:
-                    raise RuntimeError("injected crash")
-                CALLS.append([c.user for c in chats])
-                return real_generate(chats, sampling)
+                def generate(chats, sampling):
+                    if len(CALLS) == self.fail_after:
+                        raise RuntimeError("injected crash")
+                    CALLS.append([c.user for c in chats])
+                    return real_generate(chats, sampling)
 
-            loaded.generate = generate
-            yield loaded
+                loaded.generate = generate
+                yield loaded
+
+    FaultInjecting.__name__ = FaultInjecting.__qualname__ = f"FaultInjecting{engine.__name__}"
+    return FaultInjecting
+
+
+FaultInjectingEngine = fault_injecting(TransformersEngine)
 
 
 def test_a_crash_loses_only_the_batch_in_flight(tmp_path, tiny_tokenizer_model):
