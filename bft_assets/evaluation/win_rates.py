@@ -46,15 +46,23 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def fit_logistic(
-    features: np.ndarray, targets: np.ndarray, l2: float = 1e-6, iterations: int = 100
+    features: np.ndarray,
+    targets: np.ndarray,
+    l2: float = 1e-6,
+    iterations: int = 100,
+    prior: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Weights of a logistic model of probabilities ``targets`` (soft labels) by Newton's
-    method on the log loss, with no separate intercept (give a column of ones)."""
-    weights = np.zeros(features.shape[1])
+    method on the log loss, with no separate intercept (give a column of ones). ``prior``
+    (mean, precision) adds the Gaussian penalty 0.5 (w - mean)' precision (w - mean)."""
+    k = features.shape[1]
+    mean, precision = prior if prior is not None else (np.zeros(k), np.zeros((k, k)))
+    precision = precision + l2 * np.eye(k)
+    weights = np.zeros(k)
     for _ in range(iterations):
         p = _sigmoid(features @ weights)
-        gradient = features.T @ (p - targets) + l2 * weights
-        hessian = (features * (p * (1 - p))[:, None]).T @ features + l2 * np.eye(features.shape[1])
+        gradient = features.T @ (p - targets) + precision @ (weights - mean)
+        hessian = (features * (p * (1 - p))[:, None]).T @ features + precision
         step = np.linalg.solve(hessian, gradient)
         weights -= step
         if np.abs(step).max() < 1e-10:
@@ -74,6 +82,7 @@ def length_controlled_win_rate(
     model_lengths: Sequence[int],
     reference_lengths: Sequence[int],
     difficulty: Sequence[float] | None = None,
+    prior: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LengthControlled:
     """AlpacaEval 2's length-controlled win rate (Dubois et al. 2024): a logistic GLM of the
     preference on tanh of the standardized length difference (reference minus model, as
@@ -81,8 +90,11 @@ def length_controlled_win_rate(
     the length term at zero and averaged over instructions.
 
     Without per-instruction difficulty this is the simplified variant (length and model
-    terms only); AlpacaEval's published fit also regularizes toward its 'gamed' baselines,
-    which is not reproduced here."""
+    terms only). AlpacaEval's published fit also regularizes the length and difficulty
+    weights toward its 'gamed' baselines (GPT-4 Turbo prompted to be verbose or concise,
+    fitted alongside each model at weight 0.1 per row); ``prior`` (mean, precision over the
+    length, difficulty and model weights) stands in for that term in the full variant
+    (see ``bft_assets.evaluation.lc``)."""
     y = np.asarray(preferences, dtype=float)
     delta = np.asarray(reference_lengths, dtype=float) - np.asarray(model_lengths, dtype=float)
     std = delta.std(ddof=1)
@@ -91,7 +103,9 @@ def length_controlled_win_rate(
     if difficulty is not None:
         columns.append(np.asarray(difficulty, dtype=float))
     columns.append(np.ones_like(y))
-    weights = fit_logistic(np.stack(columns, axis=1), y)
+    weights = fit_logistic(
+        np.stack(columns, axis=1), y, prior=prior if difficulty is not None else None
+    )
     at_equal_length = weights[-1] + (weights[1] * columns[1] if difficulty is not None else 0.0)
     lc = float(np.mean(_sigmoid(np.asarray(at_equal_length) * np.ones_like(y))) * 100)
     return LengthControlled(
