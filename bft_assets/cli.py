@@ -101,7 +101,7 @@ def dagster_instance():
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from bft_assets.demo import write_demo_corpus
+    from bft_assets.demo import DEMO_WORDS, write_demo_corpus
     from bft_resources.uris import LocationError, parse_location
 
     uri = declared(args).decl.corpus.uri
@@ -109,7 +109,7 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
         corpus = parse_location(uri, "corpus.uri").path
     except LocationError as error:
         sys.exit(f"bft demo-data writes a local folder: {error}")
-    paths = write_demo_corpus(corpus, args.shards, args.docs_per_shard)
+    paths = write_demo_corpus(corpus, args.shards, args.docs_per_shard, *DEMO_WORDS)
     print("\n".join(str(p) for p in paths))
 
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         "--shards", type=int, default=2, help="demo shards to write (default: 2)"
     )
     demo_sizes.add_argument(
-        "--docs-per-shard", type=int, default=6, help="documents per demo shard (default: 6)"
+        "--docs-per-shard", type=int, default=5, help="documents per demo shard (default: 5)"
     )
 
     def command(name: str, fn, help: str, parents=()) -> argparse.ArgumentParser:

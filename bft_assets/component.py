@@ -160,8 +160,22 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
                 f"letter, at most {MAX_NAME_CHARS}"
             )
         check_recipes(self.recipes)
+        self._check_batches()
         if self.seed_models_from is not None and self.seed_models_from.instance == self.key_prefix:
             raise ValueError("seed_models_from names this instance itself")
+
+    def _check_batches(self) -> None:
+        """A batch the micro batch does not divide fails at load, not after a seed model."""
+        seed_trainer = self.seed_trainer or self.trainer
+        for name, settings, trainer, trainer_name in (
+            ("training", self.training, self.trainer, "trainer"),
+            ("seed_training", self.seed_training, seed_trainer, "seed_trainer" if self.seed_trainer else "trainer"),
+        ):  # fmt: skip
+            if settings.batch_size % trainer.micro_batch_size:
+                raise ValueError(
+                    f"{name}.batch_size {settings.batch_size} is not a multiple of "
+                    f"{trainer_name}.micro_batch_size {trainer.micro_batch_size}"
+                )
 
     @classmethod
     def model(cls) -> type[BaseModel]:

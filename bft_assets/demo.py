@@ -34,6 +34,9 @@ _MODULES = (
     "threading", "timeit", "typing", "unittest", "urllib.parse", "uuid", "zipfile",
 )  # fmt: skip
 _WORDS = re.compile(r"[A-Za-z]+")
+# The demo's documents: short explanations (~65 tokens), so each stage's longest row, which
+# sets how long a CPU batch decodes, stays short.
+DEMO_WORDS = (30, 55)
 _ADDED = "2026-01-01T00:00:00.000Z"
 
 
@@ -125,7 +128,7 @@ def run_demo(shards: int, docs_per_shard: int, instance: dg.DagsterInstance) -> 
     inst = declared_instances()[DEMO_INSTANCE]
     corpus_dir = Path(inst.decl.corpus.uri)
     if not any(corpus_dir.glob("*.jsonl.gz")):
-        write_demo_corpus(corpus_dir, shards, docs_per_shard)
+        write_demo_corpus(corpus_dir, shards, docs_per_shard, *DEMO_WORDS)
     discover_shards(inst.corpus(), instance, inst.shards.name)
     keys = instance.get_dynamic_partitions(inst.shards.name)
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}

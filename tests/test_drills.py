@@ -147,6 +147,19 @@ def test_two_instances_with_one_key_prefix_are_named_with_both_files(
     assert str(again.parent) in out and str(host / "src" / "host" / "defs" / "web") in out
 
 
+def test_a_batch_its_micro_batch_does_not_divide_is_refused_when_it_loads(
+    tmp_path, tiny_tokenizer_model
+):
+    """Not after a seed model's run has started: the declaration names both settings."""
+    with pytest.raises(
+        Exception,
+        match=r"seed_training.batch_size 6 is not a multiple of trainer.micro_batch_size 4",
+    ):
+        declare(tmp_path, tiny_tokenizer_model, seed_training={"steps": [1], "batch_size": 6})
+    declare(tmp_path, tiny_tokenizer_model, seed_training={"steps": [1], "batch_size": 6},
+            trainer={"micro_batch_size": 2})  # fmt: skip
+
+
 def test_a_storage_bft_cannot_use_is_refused_when_the_declaration_loads(
     tmp_path, tiny_tokenizer_model
 ):

@@ -6,6 +6,7 @@ wastes little compute; each batch is one ``generate`` call.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
@@ -130,6 +131,10 @@ class TransformersModel(LoadedModel):
         self._context = context_window or getattr(
             self.model.config, "max_position_embeddings", None
         )
+        # Only the next token's logits are read: the head over every prompt position is ~20%
+        # of a small model's prefill and a [batch, length, vocabulary] tensor nobody reads.
+        takes = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if takes else {}
 
     def special_tokens(self) -> list[str]:
         return special_strings(self.tokenizer)
@@ -221,7 +226,7 @@ class TransformersModel(LoadedModel):
         for batch in length_sorted_batches(lengths, self.batch_size):
             inputs = self._encode([prompts[i] for i in batch])
             with self._torch.inference_mode():
-                logits = self.model(**inputs).logits[:, -1, :].float()
+                logits = self.model(**inputs, **self._last_logits_only).logits[:, -1, :].float()
             logprobs = self._torch.log_softmax(logits, dim=-1)
             for row, index in enumerate(batch):
                 out[index] = {

@@ -98,13 +98,15 @@ class Estimate:
     def describe(self) -> str:
         p = self.plan
         what = f"{p.method} fine-tuning of {self.shape.billions:.1f}B"
+        # Batches are padded to their longest example: the figure is for the longest allowed.
+        worst = f" at most (micro batches of {p.micro_batch_size} x {p.seq_len:,} tokens)"
         if p.device == "cpu":
             if p.gpus == 1:
-                return f"{what} on the CPU: ~{self.per_gpu_gib:.0f} GiB"
-            return f"{what} on {p.gpus} CPU processes ({p.strategy}): ~{self.per_gpu_gib:.0f} GiB per process"
+                return f"{what} on the CPU: ~{self.per_gpu_gib:.0f} GiB{worst}"
+            return f"{what} on {p.gpus} CPU processes ({p.strategy}): ~{self.per_gpu_gib:.0f} GiB per process{worst}"
         where = f"{p.gpus} GPU{'s' if p.gpus > 1 else ''} ({p.strategy})"
         cpu = f", {self.cpu_gib:.0f} GiB of CPU RAM" if self.cpu_gib else ""
-        return f"{what} on {where}: ~{self.per_gpu_gib:.0f} GiB per GPU{cpu}"
+        return f"{what} on {where}: ~{self.per_gpu_gib:.0f} GiB per GPU{cpu}{worst}"
 
 
 def estimate(shape: ModelShape, plan: Plan) -> Estimate:
