@@ -547,6 +547,18 @@ def test_a_key_cut_by_the_excerpt_or_bare_never_reaches_the_event_log_or_stderr(
 # ---- errors that name their object ---------------------------------------------------------
 
 
+def _backtranslation_error(inst, corpus: Path) -> str:
+    """The error of backtranslated_pool on the corpus's one shard (its candidates built)."""
+    with dg.instance_for_test() as instance:
+        (shard,) = discover_shards(CorpusSource(uri=str(corpus)), instance, inst.shards.name)
+        assert materialize(inst, [CANDIDATE_RESPONSES], instance, partition_key=shard).success
+        failed = materialize(
+            inst, [BACKTRANSLATED_POOL], instance, partition_key=shard, raise_on_error=False
+        )
+    assert not failed.success
+    return _error(failed)
+
+
 def test_a_model_folder_without_a_tokenizer_is_named(tmp_path, tiny_tokenizer_model):
     broken = tmp_path / "no-tokenizer"
     shutil.copytree(tiny_tokenizer_model, broken)
@@ -559,16 +571,7 @@ def test_a_model_folder_without_a_tokenizer_is_named(tmp_path, tiny_tokenizer_mo
         (broken / name).unlink(missing_ok=True)
     write_demo_corpus(tmp_path / "corpus", shards=1, docs_per_shard=3)
     inst = declare(tmp_path, tiny_tokenizer_model, models={"backward": str(broken)})
-    with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(
-            CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name
-        )
-        assert materialize(inst, [CANDIDATE_RESPONSES], instance, partition_key=shard).success
-        failed = materialize(
-            inst, [BACKTRANSLATED_POOL], instance, partition_key=shard, raise_on_error=False
-        )
-    assert not failed.success
-    assert f"{broken}: no usable tokenizer" in _error(failed)
+    assert f"{broken}: no usable tokenizer" in _backtranslation_error(inst, tmp_path / "corpus")
 
 
 @contextlib.contextmanager
@@ -644,13 +647,7 @@ def test_a_file_added_to_a_checkpoint_after_its_manifest_is_refused_by_name(
     write_manifest(folder, {"direction": "backward"})
     added = folder / "adapter_config.json"
     added.write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "/elsewhere"}))
-    with dg.instance_for_test() as instance:
-        (shard,) = discover_shards(
-            CorpusSource(uri=str(tmp_path / "corpus")), instance, inst.shards.name
-        )
-        assert materialize(inst, [CANDIDATE_RESPONSES], instance, partition_key=shard).success
-        failed = materialize(
-            inst, [BACKTRANSLATED_POOL], instance, partition_key=shard, raise_on_error=False
-        )
-    assert not failed.success
-    assert f"{added}: in the checkpoint folder but not in its manifest.json" in _error(failed)
+    assert (
+        f"{added}: in the checkpoint folder but not in its manifest.json"
+        in _backtranslation_error(inst, tmp_path / "corpus")
+    )
