@@ -74,14 +74,14 @@ def _instance_yaml(root: Path, prefix: str, model: Path, rewriter: str | None = 
     }  # fmt: skip
 
 
-def _write_host(root: Path, model: Path) -> Path:
-    """A user's dg project (src layout) with its own asset, `storage` resource and automation
-    sensor, and two bft instances over two corpora and two storage roots."""
-    package = root / "src" / "host"
+def write_dg_project(root: Path, name: str) -> Path:
+    """An empty dg project as create-dagster lays it out (src layout, a defs folder the
+    definitions load); returns its package folder."""
+    package = root / "src" / name
     (package / "defs").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(textwrap.dedent("""\
+    (root / "pyproject.toml").write_text(textwrap.dedent(f"""\
         [project]
-        name = "host"
+        name = "{name}"
         version = "0.1.0"
         requires-python = ">=3.11"
 
@@ -89,7 +89,7 @@ def _write_host(root: Path, model: Path) -> Path:
         directory_type = "project"
 
         [tool.dg.project]
-        root_module = "host"
+        root_module = "{name}"
         """))  # fmt: skip
     (package / "__init__.py").write_text("")
     (package / "definitions.py").write_text(textwrap.dedent("""\
@@ -103,6 +103,13 @@ def _write_host(root: Path, model: Path) -> Path:
             return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
         """))  # fmt: skip
     (package / "defs" / "__init__.py").write_text("")
+    return package
+
+
+def _write_host(root: Path, model: Path) -> Path:
+    """A user's dg project (src layout) with its own asset, `storage` resource and automation
+    sensor, and two bft instances over two corpora and two storage roots."""
+    package = write_dg_project(root, "host")
     (package / "defs" / "host_assets.py").write_text(HOST_ASSETS)
     for prefix in ("web", "c4"):
         _write_instance(root, prefix, _instance_yaml(root, prefix, model))

@@ -24,13 +24,13 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from dagster._core.instance.config import dagster_instance_config
+from test_component import write_dg_project
 
 from conftest import REPO
 
@@ -101,31 +101,7 @@ def classify(blocks: list[tuple[str, str]]) -> dict[str, list[tuple[str, list[di
 
 def host_project(root: Path, examples: list[tuple[str, list[dict]]]) -> dict[str, str]:
     """One dg project, a defs folder per declaration; returns folder -> where it came from."""
-    package = root / "src" / "docs_host"
-    (package / "defs").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(textwrap.dedent("""\
-        [project]
-        name = "docs_host"
-        version = "0.1.0"
-
-        [tool.dg]
-        directory_type = "project"
-
-        [tool.dg.project]
-        root_module = "docs_host"
-        """))  # fmt: skip
-    (package / "__init__.py").write_text("")
-    (package / "definitions.py").write_text(textwrap.dedent("""\
-        from pathlib import Path
-
-        import dagster as dg
-
-
-        @dg.definitions
-        def defs():
-            return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
-        """))  # fmt: skip
-    (package / "defs" / "__init__.py").write_text("")
+    package = write_dg_project(root, "docs_host")
     renamed: dict[str, str] = {}  # a prefix, as the first example that declares it is renamed
     origin = {}
     for n, (where, documents) in enumerate(examples):
