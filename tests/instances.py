@@ -2,6 +2,7 @@
 by the component, then its definitions built and its assets materialized (the assets hold
 the machinery their declaration resolved into)."""
 
+import contextlib
 import copy
 import dataclasses
 from pathlib import Path
@@ -14,6 +15,7 @@ from bft_assets.graph import build_instance_defs
 from bft_assets.instance import Instance
 from bft_assets.recipes import PAPER_RECIPES
 from bft_assets.specs import DEMO_DATA
+from bft_resources.engine import TransformersEngine
 
 
 def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -170,3 +172,26 @@ def table_counts(value: Any) -> dict[str, int]:
     text = getattr(value, "value", value)
     rows = [line.strip("|").split("|") for line in str(text).splitlines()[2:]]
     return {cells[0].strip(): int(cells[1]) for cells in rows if len(cells) >= 2}
+
+
+SENT: list = []  # every chat a RecordingEngine's model was asked to answer
+
+
+class RecordingEngine(TransformersEngine):
+    """The real local engine, recording in ``SENT`` every chat a stage sends it: what
+    reaches the model, or what a re-run had to answer again."""
+
+    def load(self, model, fallback=None, log=print):  # type: ignore[override]
+        @contextlib.contextmanager
+        def recording():
+            with TransformersEngine.load(self, model, fallback, log) as loaded:
+                real = loaded.generate
+
+                def generate(chats, sampling):
+                    SENT.extend(chats)
+                    return real(chats, sampling)
+
+                loaded.generate = generate
+                yield loaded
+
+        return recording()

@@ -17,7 +17,7 @@ import dagster as dg
 import polars as pl
 import pytest
 import yaml
-from instances import declare, materialize, node, swapped, table_counts
+from instances import SENT, RecordingEngine, declare, materialize, node, swapped, table_counts
 from test_component import _dg, _host_defs, _instance_yaml, _write_host, _write_instance
 
 from bft_assets.corpus import discover_shards
@@ -384,25 +384,6 @@ def test_a_shard_symlinked_out_of_the_corpus_is_refused_and_nothing_of_it_is_cop
 # ---- hostile text --------------------------------------------------------------------------
 
 
-class PromptRecordingEngine(TransformersEngine):
-    """The real local engine, recording every chat a stage sends it (what reaches the model)."""
-
-    def load(self, model, fallback=None, log=print):  # type: ignore[override]
-        @contextlib.contextmanager
-        def recording():
-            with TransformersEngine.load(self, model, fallback, log) as loaded:
-                real = loaded.generate
-
-                def generate(chats, sampling):
-                    SENT.extend(chats)
-                    return real(chats, sampling)
-
-                loaded.generate = generate
-                yield loaded
-
-        return recording()
-
-
 class EchoingEngine(TransformersEngine):
     """Fault injector: a model that answers every prompt by repeating it (what a weak model
     does to a document it was asked to grade; a real model cannot be made to do it on cue)."""
@@ -422,7 +403,6 @@ class EchoingEngine(TransformersEngine):
         return echoing()
 
 
-SENT: list = []
 NESTED = {"<|im_start|>": "<|im_sta<|im_start|>rt|>", "<|im_end|>": "<|im_e<|im_end|>nd|>",
           "</s>": "</</s>s>", "<s>": "<<s>s>"}  # fmt: skip
 
@@ -445,7 +425,7 @@ def test_nested_control_tokens_never_reassemble_in_prompts_or_training_labels(
     model = str(tiny_tokenizer_model)
     inst = swapped(declare(tmp_path, model, models={"backward": model},
                            generation={"backtranslation": {"max_new_tokens": 2}}),
-                   engine=PromptRecordingEngine(batch_size=4))  # fmt: skip
+                   engine=RecordingEngine(batch_size=4))  # fmt: skip
     SENT.clear()
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(inst.shards.name, ["nested"])

@@ -10,7 +10,16 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from instances import declare, materialize, node, place_checkpoint, swapped, table_counts
+from instances import (
+    SENT,
+    RecordingEngine,
+    declare,
+    materialize,
+    node,
+    place_checkpoint,
+    swapped,
+    table_counts,
+)
 
 from bft_assets.corpus import discover_shards
 from bft_assets.demo import write_demo_corpus
@@ -309,32 +318,7 @@ class FaultInjectingJudgeEngine(TransformersEngine):
         return failing()
 
 
-class CountingEngine(TransformersEngine):
-    """Records every generate call of the real engine: what a re-run had to answer again."""
-
-    def load(self, model, fallback=None, log=print):  # type: ignore[override]
-        import contextlib
-
-        @contextlib.contextmanager
-        def counting():
-            with TransformersEngine.load(self, model, fallback, log) as loaded:
-                real = loaded.generate
-
-                def generate(chats, sampling):
-                    ANSWERED.extend(c.user for c in chats)
-                    return real(chats, sampling)
-
-                loaded.generate = generate
-                yield loaded
-
-        return counting()
-
-
-ANSWERED: list[str] = []
-
-
 def test_a_judge_failure_mid_evaluation_keeps_the_answers(tmp_path, tiny_tokenizer_model):
-
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps({"instruction": f"Name thing {i}.", "output": f"Thing {i}."}) + "\n"
                                  for i in range(4)))  # fmt: skip
@@ -347,18 +331,18 @@ def test_a_judge_failure_mid_evaluation_keeps_the_answers(tmp_path, tiny_tokeniz
                      {"recipe": "seed_only"})  # fmt: skip
     storage.write(inst.table(FINETUNED_CHECKPOINT), pl.DataFrame({"source": ["seed"], "instruction": ["q"],
                   "response": ["a"]}), partition="seed_only", suffix="train")  # fmt: skip
-    failing = swapped(inst, engine=CountingEngine(dtype="float32"),
+    failing = swapped(inst, engine=RecordingEngine(dtype="float32"),
                       judge=JudgeSpec(engine=FaultInjectingJudgeEngine(dtype="float32", fail_after=3)))  # fmt: skip
     with dg.instance_for_test() as instance:
-        ANSWERED.clear()
+        SENT.clear()
         failed = materialize(
             failing, [EVAL_SCORES], instance, partition_key="seed_only", raise_on_error=False
         )
-        assert not failed.success and len(ANSWERED) == 4  # every answer made, then the judge died
-        ANSWERED.clear()
-        again = materialize(swapped(inst, engine=CountingEngine(dtype="float32")), [EVAL_SCORES], instance,
+        assert not failed.success and len(SENT) == 4  # every answer made, then the judge died
+        SENT.clear()
+        again = materialize(swapped(inst, engine=RecordingEngine(dtype="float32")), [EVAL_SCORES], instance,
                             partition_key="seed_only")  # fmt: skip
-    assert again.success and ANSWERED == []  # no answer made twice
+    assert again.success and SENT == []  # no answer made twice
     meta = again.asset_materializations_for_node(node(inst, EVAL_SCORES))[0].metadata
     assert (
         meta["judgements_reused"].value == 2
