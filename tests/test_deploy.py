@@ -92,9 +92,8 @@ def test_declared_gpus_drive_both_the_request_and_the_software(tmp_path):
     inst = declare(tmp_path, "m", engine={"backend": "vllm", "tensor_parallel_size": 4},
                    trainer={"num_gpus": 8})  # fmt: skip
     declared = build_instance_defs(inst)
-    resources = declared.resources
-    assert resources["t__engine"].tensor_parallel_size == 4  # vLLM spreads one model over 4
-    assert resources["t__trainer"].num_gpus == 8  # accelerate launch --num_processes 8
+    assert inst.engine().tensor_parallel_size == 4  # vLLM spreads one model over 4
+    assert inst.trainer().num_gpus == 8  # accelerate launch --num_processes 8
     tags = {
         a.key.path[-1]: a.op.tags.get(GPUS_TAG)
         for a in declared.assets

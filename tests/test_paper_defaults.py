@@ -158,7 +158,7 @@ def test_seed_models_train_from_seed_base_on_seed_trainings_schedule(
 
     def versions(**changes) -> dict[str, str | None]:
         other = declare(tmp_path, tiny_tokenizer_model, **{"models": {"seed_base": str(seed_base)},
-                                                           "seed_training": schedule, **changes})  # fmt: skip
+                        "seed_training": schedule, "trainer": {"micro_batch_size": 2}, **changes})  # fmt: skip
         from bft_assets.graph import build_instance_defs
 
         graph = build_instance_defs(other).resolve_asset_graph()

@@ -37,7 +37,7 @@ def test_a_model_reference_on_s3_downloads_once_per_version(
 ):
     monkeypatch.setenv("BFT_MODEL_CACHE", str(tmp_path / "models"))
     uri = _upload_folder(s3, tiny_tokenizer_model, "models/tiny")
-    model = ModelRef(model=uri, s3=s3.resource)
+    model = ModelRef(model=uri).with_s3(s3.resource)
     first = model.local_path()
     assert first.is_relative_to(model_cache_dir())
     assert (first / "config.json").read_bytes() == (
@@ -65,15 +65,16 @@ def test_the_whole_graph_runs_on_s3(s3, tiny_tokenizer_model, tmp_path, monkeypa
         tmp_path, model_uri, storage=s3.uri("bft"), corpus={"uri": corpus_uri},
         s3={"endpoint_url": s3.resource.endpoint_url, "region_name": "us-east-1"},
         generation=GENERATION, training=FAST_TRAINING, eval=EVAL,
-        recipes=[{"name": "filtering", "responses": "web", "min_score": 1}],
+        recipes=[{"name": "filtering", "responses": "web", "min_score": 1, "generated_size": "all"}],
     )  # fmt: skip
     defs = build_instance_defs(inst)
-    assert isinstance(defs.resources["t__storage"], S3Storage)
+    assert isinstance(inst.storage, S3Storage)  # the declared storage is the resource
     by_name = {a.key.path[-1]: a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
 
     def run(selection: list[str], partition: str | None = None):
-        job = dg.materialize([by_name[name] for name in selection], instance=instance,
-                             resources=defs.resources, partition_key=partition)  # fmt: skip
+        job = dg.materialize(
+            [by_name[name] for name in selection], instance=instance, partition_key=partition
+        )
         assert job.success, selection
         return job
 
