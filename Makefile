@@ -12,6 +12,9 @@ export BFT_MODEL_CACHE ?= $(HOME)/.cache/bft/models
 export HF_HUB_OFFLINE := 1
 export GX_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
+# torch's threads sleep at OpenMP barriers instead of spinning: on a shared CPU (CI, a laptop)
+# spinning threads wait on each other ~3x longer (benchmarks/cpu_wait_policy.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install install-vllm demo ui test test-vllm lint clean-demo
 

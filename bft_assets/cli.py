@@ -168,6 +168,11 @@ def cmd_alpaca_eval_lc(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Threads that sleep at OpenMP's barriers rather than spin: beside any other busy process a
+    # 2-core machine decodes ~3x and trains ~1.5x faster so (benchmarks/cpu_wait_policy.py),
+    # and a quiet one loses nothing. Read once, when torch starts: set before anything imports
+    # it. The user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(
         prog="bft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -11,14 +11,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch's threads sleep at OpenMP barriers rather than spin (read when torch starts, so before
+# its import): spinning, two threads on a busy 2-core machine trained 8-20x slower than one;
+# sleeping, torch's default of a thread per core ran test_generation_e2e 1.3x faster than one
+# thread (benchmarks/cpu_wait_policy.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
 
 import pytest
-import torch
-
-# Two threads on a busy 2-core machine made training 8-20x slower than one.
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BFT_SHARED_DATA", REPO.parent / "shared" / "data"))

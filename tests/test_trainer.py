@@ -181,6 +181,9 @@ def test_batches_are_padded_to_their_longest_example_not_to_max_seq_len(tiny_tok
                        Trainer(micro_batch_size=4))  # fmt: skip
     assert prepared.max_seq_len == 4096 and not prepared.gradient_checkpointing
     assert len(prepared.trainer.eval_dataset) == PROBE_EXAMPLES
+    small = prepare(str(tiny_tokenizer_model), examples, TrainingSettings(steps=[1], batch_size=4, dropout=0.0),
+                    Trainer(micro_batch_size=2))  # fmt: skip
+    assert len(small.trainer.eval_dataset) == 2  # one micro-batch: one forward pass a probe
     widths = []
     for batch in prepared.trainer.get_train_dataloader():
         longest = int(batch["attention_mask"].sum(dim=1).max())

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 MANIFEST = CHECKPOINT_MANIFEST
 # Training examples whose loss is measured before the first step and at each saved step (eval
 # mode, no dropout), for the loss check: per-step losses see different batches and are too
-# noisy to compare. One default micro-batch: a forward pass each time, a small share of a step.
+# noisy to compare. At most one micro-batch (one forward pass, a small share of a step), and
+# at most 4: a micro batch of 2 probes 2, so a demo's 3-step run is not mostly probing.
 PROBE_EXAMPLES = 4
 
 Log = Callable[[str], None]
@@ -311,7 +312,7 @@ def prepare(
         peft_config = LoraConfig(r=trainer.lora_r, lora_alpha=trainer.lora_alpha, lora_dropout=settings.dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
     kept = [i for i, (_, mask) in enumerate(encoded) if 1 in mask[:max_len]]
-    probe = dataset.select(kept[:PROBE_EXAMPLES])
+    probe = dataset.select(kept[: min(PROBE_EXAMPLES, trainer.micro_batch_size)])
     # Only a trace needs the example index (a tuple of token ids per example).
     index = (
         {tuple(ids[:max_len]): i for i, (ids, _) in reversed(list(enumerate(encoded)))}
