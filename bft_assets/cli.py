@@ -3,7 +3,8 @@ run, the instance config).
 
 A command finds the bft instances of the code location it is pointed at, as ``dagster``
 finds a code location: ``-m MODULE`` or ``-f FILE``, else ``--project PATH``, else the dg
-project the working directory is in (the nearest ``pyproject.toml`` with ``[tool.dg]``),
+project the working directory is in (the nearest ``dg.toml`` or ``pyproject.toml`` with
+``[tool.dg]`` that declares a project, as dg finds it),
 else bft's own code location (the demo).
 """
 
@@ -15,7 +16,6 @@ import importlib.util
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,26 +26,46 @@ DEMO_INSTANCE = "demo"
 
 
 def find_project(start: Path) -> Path | None:
-    """The nearest folder at or above ``start`` whose pyproject.toml declares a dg project."""
-    for folder in (start.resolve(), *start.resolve().parents):
-        pyproject = folder / "pyproject.toml"
-        if pyproject.is_file() and "dg" in tomllib.loads(pyproject.read_text()).get("tool", {}):
-            return folder
-    return None
+    """The nearest dg project at or above ``start``, found as dg finds one: a ``dg.toml``, else
+    a ``pyproject.toml`` with ``[tool.dg]``, whose ``directory_type`` is ``project`` (a
+    workspace above it is not one)."""
+    from dagster_shared.utils.config import discover_config_file
+
+    found = discover_config_file(start.resolve(), lambda c: c.get("directory_type") == "project")
+    return found.parent if found else None
+
+
+def project_settings(root: Path) -> dict:
+    """The ``project`` table of a dg project's config file (``dg.toml`` wins, as for dg)."""
+    from dagster_shared.utils.config import (
+        detect_dg_config_file_format,
+        load_toml_as_dict,
+        locate_dg_config_in_folder,
+    )
+
+    path = locate_dg_config_in_folder(root.resolve())
+    if path is None:
+        sys.exit(f"{root}: not a dg project (no dg.toml, no pyproject.toml with [tool.dg])")
+    config = load_toml_as_dict(path)
+    node = config if detect_dg_config_file_format(path) == "root" else config["tool"]["dg"]
+    return dict(node.get("project", {}))
 
 
 def project_instances(root: Path) -> dict[str, Instance]:
     """The bft instances a dg project's defs folder declares, by key prefix."""
     import dagster as dg
+    from dagster_shared.utils.config import get_canonical_defs_module_name
 
     from bft_assets.component import BackAndForthTranslation
 
-    settings = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["dg"].get("project", {})
+    settings = project_settings(root)
     root_module = settings.get("root_module") or root.name.replace("-", "_")
     for folder in (root / "src", root):  # src layout or flat, as dg finds them
         if (folder / root_module.split(".")[0]).exists() and str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
-    defs_module = importlib.import_module(settings.get("defs_module") or f"{root_module}.defs")
+    defs_module = importlib.import_module(
+        get_canonical_defs_module_name(settings.get("defs_module"), root_module)
+    )
     tree = dg.ComponentTree.from_module(defs_module=defs_module, project_root=root)
     return {
         c.key_prefix: c.instance() for c in tree.get_all_components(of_type=BackAndForthTranslation)

@@ -51,7 +51,7 @@ from bft_assets.specs import (
 )
 from bft_resources.engine import EngineSpec, TransformersEngine
 from bft_resources.keys import MAX_NAME_CHARS
-from bft_resources.trainer import Trainer, TrainingSettings
+from bft_resources.trainer import Trainer, TrainingSettings, accumulation_steps
 
 # The paper does not give the seed models' schedule (docs/method.md, Models); this project's
 # choice is the recipes' 7B schedule, one run to its last step (1,200 steps of batch 32).
@@ -171,11 +171,10 @@ class BackAndForthTranslation(dg.Component, dg.Resolvable):
             ("training", self.training, self.trainer, "trainer"),
             ("seed_training", self.seed_training, seed_trainer, "seed_trainer" if self.seed_trainer else "trainer"),
         ):  # fmt: skip
-            if settings.batch_size % trainer.micro_batch_size:
-                raise ValueError(
-                    f"{name}.batch_size {settings.batch_size} is not a multiple of "
-                    f"{trainer_name}.micro_batch_size {trainer.micro_batch_size}"
-                )
+            try:
+                accumulation_steps(settings, trainer)
+            except ValueError as exc:  # the run's own rule, named with the attributes
+                raise ValueError(f"{name}.{exc} ({trainer_name}.micro_batch_size)") from None
 
     @classmethod
     def model(cls) -> type[BaseModel]:

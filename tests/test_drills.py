@@ -153,7 +153,7 @@ def test_a_batch_its_micro_batch_does_not_divide_is_refused_when_it_loads(
     """Not after a seed model's run has started: the declaration names both settings."""
     with pytest.raises(
         Exception,
-        match=r"seed_training.batch_size 6 is not a multiple of trainer.micro_batch_size 4",
+        match=r"seed_training.batch_size 6 is not a multiple of micro_batch_size 4 \(trainer.micro_batch_size\)",
     ):
         declare(tmp_path, tiny_tokenizer_model, seed_training={"steps": [1], "batch_size": 6})
     declare(tmp_path, tiny_tokenizer_model, seed_training={"steps": [1], "batch_size": 6},

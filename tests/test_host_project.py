@@ -225,3 +225,28 @@ def test_the_three_steps_and_every_command_work_from_any_directory(host, tiny_to
     assert manifests[0] == manifests[1]
     # everything the commands wrote is under the project: nothing beside it, nothing in the checkout
     assert sorted(p.name for p in root.parent.iterdir()) == ["dagster_home", "host", "src", "venv"]
+
+
+def test_the_cli_finds_a_project_as_dg_does(tmp_path):
+    """dg.toml projects too; a dg.toml wins over pyproject.toml in one folder; a workspace above
+    a project is not taken for one (each file is what create-dagster writes, trimmed)."""
+    from bft_assets.cli import find_project, project_settings
+
+    workspace = tmp_path / "ws"
+    project = workspace / "projects" / "p1"
+    (project / "src" / "p1" / "defs").mkdir(parents=True)
+    (workspace / "dg.toml").write_text('directory_type = "workspace"\n\n[workspace]\n')
+    (project / "dg.toml").write_text(
+        'directory_type = "project"\n\n[project]\nroot_module = "p1"\ndefs_module = "p1.mydefs"\n'
+    )
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "p1"\n\n[tool.dg]\ndirectory_type = "project"\n\n'
+        '[tool.dg.project]\nroot_module = "other"\n'
+    )
+    assert find_project(project / "src" / "p1" / "defs") == project
+    assert project_settings(project)["defs_module"] == "p1.mydefs"  # dg.toml, not pyproject
+    assert find_project(workspace) is None
+    (project / "dg.toml").unlink()
+    assert project_settings(project)["root_module"] == "other"
+    with pytest.raises(SystemExit, match="not a dg project"):
+        project_settings(workspace / "projects")

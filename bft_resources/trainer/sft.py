@@ -81,9 +81,10 @@ def accumulation_steps(settings: TrainingSettings, trainer: Trainer, processes: 
     accumulation is the declared batch."""
     per_step = trainer.micro_batch_size * processes
     if settings.batch_size % per_step:
+        across = f" x {processes} processes" if processes > 1 else ""
         raise ValueError(
             f"batch_size {settings.batch_size} is not a multiple of micro_batch_size "
-            f"{trainer.micro_batch_size} x {processes} processes"
+            f"{trainer.micro_batch_size}{across}"
         )
     return settings.batch_size // per_step
 
