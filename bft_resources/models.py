@@ -139,6 +139,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         raise ModelFolderError(f"{path}: no usable tokenizer in this model folder ({exc})") from exc
 
 
+def quiet_progress_bars() -> None:
+    """Silence transformers' progress bars in this process: bft logs its own line per load, pass
+    and training step, and the bars (Loading weights, Writing model shards) repeated them ~25
+    times a demo, in the terminal and in the run's logs."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 class ModelFolderError(RuntimeError):
     """A model folder that lacks what loading needs (a tokenizer, a config), named."""
 

@@ -22,7 +22,7 @@ from bft_resources.trainer import (
     train,
 )
 from bft_resources.trainer.distributed import STRATEGIES, load_config, validated_launch
-from bft_resources.trainer.memory import DoesNotFit
+from bft_resources.trainer.memory import DoesNotFit, model_shape
 
 from tiny_models import without_chat_template
 
@@ -180,6 +180,9 @@ def llama_configs(tmp_path_factory):
     for name, (hidden, ffn, layers, heads, kv) in shapes.items():
         LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
                     num_key_value_heads=kv, vocab_size=32000, max_position_embeddings=4096).save_pretrained(root / name)  # fmt: skip
+    # Llama 3.2 1B's shape: its output head is its embedding matrix (1.24B parameters, not 1.50B).
+    LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True).save_pretrained(root / "1b-tied")  # fmt: skip
     return root
 
 
@@ -217,6 +220,17 @@ def test_without_cuda_the_estimate_names_the_cpu(llama_configs):
     two = Trainer(num_gpus=2)
     two.check_memory(ModelRef(model=str(llama_configs / "7b"), context_window=512), logged.append)
     assert "on 2 CPU processes (ddp)" in logged[-1] and "per process" in logged[-1]
+
+
+def test_tied_embeddings_are_counted_once(llama_configs, tiny_tokenizer_model):
+    tied = model_shape(str(llama_configs / "1b-tied"), lora_r=8)
+    assert tied.parameters == 1_235_814_400 and tied.size == "1.2B"
+    from transformers import AutoModelForCausalLM
+
+    small = model_shape(str(tiny_tokenizer_model), lora_r=8)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tiny_tokenizer_model))
+    assert small.parameters == sum(p.numel() for p in loaded.parameters())
+    assert small.size.endswith("M")  # a sub-billion model is named in millions, not "0.0B"
 
 
 def test_the_cpu_loss_path_equals_trl_fused_lm_head(tiny_tokenizer_model):

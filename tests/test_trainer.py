@@ -49,7 +49,7 @@ def test_without_a_chat_template_the_llama2_format_is_used(tokenizer):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fine_tuning_lowers_the_loss_and_the_checkpoint_serves(
-    tiny_tokenizer_model, tmp_path, method
+    tiny_tokenizer_model, tmp_path, method, capfd
 ):
     # No dropout here: a 2-layer, 32-wide random model has too little capacity to learn through it.
     settings = TrainingSettings(learning_rate=3e-3 if method == "full" else 2e-2, steps=[12], batch_size=4,
@@ -72,6 +72,10 @@ def test_fine_tuning_lowers_the_loss_and_the_checkpoint_serves(
             [Chat(EXAMPLES[0].prompt)], Sampling(temperature=0.0, max_tokens=8)
         )
     assert reply.completion_tokens > 0
+    # bft's own lines say what was loaded, encoded and written; the libraries' bars stay quiet.
+    printed = capfd.readouterr()
+    bars = ("Loading weights", "Building labels", "Truncating train", "Writing model shards")
+    assert not [bar for bar in bars if bar in printed.err + printed.out]
 
 
 def test_lora_adapters_can_be_kept_separate(tiny_tokenizer_model, tmp_path):

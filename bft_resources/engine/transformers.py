@@ -26,7 +26,7 @@ from bft_resources.engine.base import (
     same_but_length,
 )
 from bft_resources.engine.rendering import option_token_ids, prompts_token_ids, special_strings
-from bft_resources.models import ModelRef, load_tokenizer
+from bft_resources.models import ModelRef, load_tokenizer, quiet_progress_bars
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -115,6 +115,7 @@ class TransformersModel(LoadedModel):
         import torch
         from transformers import AutoModelForCausalLM
 
+        quiet_progress_bars()
         self.reference = reference
         self.device = pick_device(device)
         self.batch_size = batch_size

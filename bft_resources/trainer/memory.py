@@ -44,6 +44,11 @@ class ModelShape:
     def billions(self) -> float:
         return self.parameters / 1e9
 
+    @property
+    def size(self) -> str:
+        """As models are named: 6.7B, 135M."""
+        return f"{self.billions:.1f}B" if self.billions >= 1 else f"{self.parameters / 1e6:.3g}M"
+
 
 def model_shape(model_dir: str, *, lora_r: int, trust_remote_code: bool = False) -> ModelShape:
     """Count a model's parameters from its config, on the meta device."""
@@ -54,6 +59,9 @@ def model_shape(model_dir: str, *, lora_r: int, trust_remote_code: bool = False)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # On the meta device the output head is not yet tied to the embeddings: counted apart, a
+    # tied model (SmolLM2, Llama 3.2 1B/3B) would be a vocabulary x hidden matrix larger.
+    model.tie_weights()
     parameters = sum(p.numel() for p in model.parameters())
     lora = sum(
         lora_r * (m.in_features + m.out_features)
@@ -97,7 +105,7 @@ class Estimate:
 
     def describe(self) -> str:
         p = self.plan
-        what = f"{p.method} fine-tuning of {self.shape.billions:.1f}B"
+        what = f"{p.method} fine-tuning of {self.shape.size}"
         # Batches are padded to their longest example: the figure is for the longest allowed.
         worst = f" at most (micro batches of {p.micro_batch_size} x {p.seq_len:,} tokens)"
         if p.device == "cpu":

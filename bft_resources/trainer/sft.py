@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from bft_resources.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from bft_resources.checkpoints import write_manifest
+from bft_resources.models import quiet_progress_bars
 from bft_resources.trainer.examples import Fallback, TrainingExample, data_hash, encode_example
 from bft_resources.trainer.settings import TrainingSettings
 
@@ -237,12 +238,14 @@ def prepare(
     response token."""
     import torch
     from accelerate import PartialState
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig
 
     if not examples:
         raise ValueError("no training examples")
+    quiet_progress_bars()
+    disable_progress_bars()  # TRL's dataset passes: bft logs the dropped and truncated counts
     cuda = torch.cuda.is_available()
     state = PartialState(cpu=not cuda)
     accumulation = accumulation_steps(settings, trainer, state.num_processes)
