@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import dagster as dg
-from pydantic import Field, TypeAdapter, field_validator
+from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from bft_resources.engine import EngineSpec, OptionalEngineSpec
 from bft_resources.keys import MAX_NAME_CHARS
@@ -172,7 +172,7 @@ class RewritingSpec(SamplingSpec):
         default="context",
         description="context (the paper caps no rewrite): a rewrite may use what is left of the rewriter's context "
         "after its own prompt, row by row; ratio: rewrite_length_ratio x its draft + rewrite_extra_tokens "
-        "(this project's earlier cap).",
+        "(this project's earlier cap). A setting of the other cap is refused when declared (nothing would read it).",
     )
     min_room: int = Field(
         # Declared (the paper gives no cap and no room): 768 is about 1.6x the paper's mean rewritten
@@ -195,6 +195,24 @@ class RewritingSpec(SamplingSpec):
         default=False, description="Open the reply with [RES] and stop at [/RES] (small models)."
     )
     min_extraction_rate: float = Field(default=0.5, ge=0, le=1, description="WARN under this extraction rate.")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _no_setting_of_the_other_cap(self) -> "RewritingSpec":
+        # A setting of the cap not chosen would be read by nothing: a rewrite declared at
+        # 1.0 x its draft would run to the context window instead. Refused, named.
+        unread = {
+            "context": ("rewrite_length_ratio", "rewrite_extra_tokens"),
+            "ratio": ("min_room",),
+        }
+        declared = [name for name in unread[self.length_cap] if name in self.model_fields_set]
+        if declared:
+            other = "ratio" if self.length_cap == "context" else "context"
+            raise ValueError(
+                f"{', '.join(declared)}: read only with length_cap: {other}, and length_cap is "
+                f"{self.length_cap}{' (the default)' if 'length_cap' not in self.model_fields_set else ''}; "
+                f"declare length_cap: {other} or leave {'them' if len(declared) > 1 else 'it'} out"
+            )
+        return self
 
 
 class GenerationSpec(dg.Resolvable, dg.Model):

@@ -160,6 +160,31 @@ def test_a_batch_its_micro_batch_does_not_divide_is_refused_when_it_loads(
             trainer={"micro_batch_size": 2})  # fmt: skip
 
 
+def test_a_rewrite_cap_setting_the_declared_cap_never_reads_is_refused(
+    tmp_path, tiny_tokenizer_model
+):
+    """Ratio settings under the default context cap would be ignored: rewrites would run to the
+    context window while the declaration reads as capped at 1.0 x the draft."""
+    with pytest.raises(
+        Exception,
+        match=r"rewrite_length_ratio, rewrite_extra_tokens: read only with length_cap: ratio, "
+        r"and length_cap is context \(the default\)",
+    ):
+        declare(tmp_path, tiny_tokenizer_model,
+                generation={"rewriting": {"rewrite_length_ratio": 1.0, "rewrite_extra_tokens": 16}})  # fmt: skip
+    with pytest.raises(
+        Exception, match=r"min_room: read only with length_cap: context, and length_cap is ratio;"
+    ):
+        declare(
+            tmp_path,
+            tiny_tokenizer_model,
+            generation={"rewriting": {"length_cap": "ratio", "min_room": 64}},
+        )
+    capped = declare(tmp_path, tiny_tokenizer_model,
+                     generation={"rewriting": {"length_cap": "ratio", "rewrite_length_ratio": 1.0}})  # fmt: skip
+    assert capped.decl.generation.rewriting.rewrite_length_ratio == 1.0
+
+
 def test_a_storage_bft_cannot_use_is_refused_when_the_declaration_loads(
     tmp_path, tiny_tokenizer_model
 ):

@@ -48,7 +48,7 @@ def _table(tmp_path, asset: str, shard: str) -> pl.DataFrame:
 def test_smollm2_backtranslates_scores_and_rewrites_a_shard(tmp_path, smollm2):
     inst = _setup(tmp_path, smollm2.model, docs=4, generation={
         "backtranslation": {"max_new_tokens": 32}, "scoring": {"mode": "logprobs"},
-        "rewriting": {"max_new_tokens": 160, "force_format": True, "rewrite_length_ratio": 1.0,
+        "rewriting": {"max_new_tokens": 160, "force_format": True, "length_cap": "ratio", "rewrite_length_ratio": 1.0,
                       "rewrite_extra_tokens": 16}},
         # rewriting (every pair rewritten) and a distilled recipe at score >= 3
         recipes=[{"name": "rewriting", "responses": "rewrite"},

@@ -245,7 +245,7 @@ def prepare(
     if not examples:
         raise ValueError("no training examples")
     quiet_progress_bars()
-    disable_progress_bars()  # TRL's dataset passes: bft logs the dropped and truncated counts
+    disable_progress_bars()  # TRL's dataset passes: bft counts what they drop and truncate itself
     cuda = torch.cuda.is_available()
     state = PartialState(cpu=not cuda)
     accumulation = accumulation_steps(settings, trainer, state.num_processes)
