@@ -125,6 +125,8 @@ def test_vllm_engine_arguments_on_a_cpu_and_a_gpu():
     assert cpu["kv_cache_memory_bytes"] == 4 * 1024**3 and "gpu_memory_utilization" not in cpu
     assert ignored == ["gpu_memory_utilization"] and cpu["max_model_len"] == 4096
     assert not engine.uses_separate_process("cpu") and engine.uses_separate_process("cuda")
+    native, _ = engine.engine_arguments("/m", model, "cpu", native_bf16=True)
+    assert native["dtype"] == "auto"  # AVX512-BF16 or AMX: vLLM's bf16 is the fast one there
     gpu, ignored = VllmEngine(tensor_parallel_size=8, kv_cache_gb=2).engine_arguments(
         "/m", model, "cuda"
     )
